@@ -1,0 +1,61 @@
+"""statehub: push PyTorch checkpoints once, fetch them fitted to any model.
+
+    >>> from statehub import Client
+    >>> hub = Client()
+    >>> hub.push("vision/resnet50-rsp", model, alias="prod")
+    >>> sd = hub.fetch("vision/resnet50-rsp@prod", target=my_model)
+    >>> my_model.load_state_dict(sd)
+"""
+
+from statehub._client import Client, split_ref
+from statehub._errors import (
+    Conflict,
+    ConnectionFailed,
+    Forbidden,
+    Incompatible,
+    IntegrityError,
+    InvalidAdapter,
+    InvalidCheckpoint,
+    InvalidName,
+    InvalidRef,
+    InvalidRequest,
+    InvalidSpec,
+    NotFound,
+    RangeNotSatisfiable,
+    StatehubError,
+    StorageError,
+    StorageUnavailable,
+    TooLarge,
+    Unauthorized,
+    UnsafePickle,
+)
+from statehub._models import Plan, PlanEntry, Version
+from statehub._tensors import spec_of
+
+__all__ = [
+    "Client",
+    "Conflict",
+    "ConnectionFailed",
+    "Forbidden",
+    "Incompatible",
+    "IntegrityError",
+    "InvalidAdapter",
+    "InvalidCheckpoint",
+    "InvalidName",
+    "InvalidRef",
+    "InvalidRequest",
+    "InvalidSpec",
+    "NotFound",
+    "Plan",
+    "PlanEntry",
+    "RangeNotSatisfiable",
+    "StatehubError",
+    "StorageError",
+    "StorageUnavailable",
+    "TooLarge",
+    "Unauthorized",
+    "UnsafePickle",
+    "Version",
+    "spec_of",
+    "split_ref",
+]

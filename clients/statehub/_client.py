@@ -1,0 +1,397 @@
+"""The statehub client: push checkpoints, fetch them fitted to your model, plan, search."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from statehub._errors import ConnectionFailed, IntegrityError, StatehubError, raise_for_status
+from statehub._models import Plan, Version
+from statehub._tensors import (
+    SAFETENSORS_SUFFIXES,
+    TORCH_SUFFIXES,
+    StreamReader,
+    dedupe_tied,
+    iter_safetensors,
+    read_safetensors_stream,
+    safetensors_header,
+    spec_of,
+    state_dict_of,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+POLICY_KEYS = ("strict", "head", "embedding", "on_missing", "allow_structural", "allow_ops", "adapters")
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+CHUNK = 1024 * 1024
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``ns/name@prod`` -> ("ns/name", "prod"); ``ns/name:3`` -> ("ns/name", "3");
+    a bare name means namespace ``default`` and version ``latest``."""
+    if "@" in ref:
+        model, _, version = ref.partition("@")
+    else:
+        head, sep, tail = ref.rpartition(":")
+        model, version = (head, tail) if sep and tail.isdigit() else (ref, "latest")
+    if "/" not in model:
+        model = f"default/{model}"
+    return model, version
+
+
+def _policy(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(POLICY_KEYS)
+    if unknown:
+        raise TypeError(f"unknown policy option(s) {sorted(unknown)}; use {list(POLICY_KEYS)}")
+    policy = dict(options)
+    for key in ("allow_ops", "adapters"):
+        if key in policy and policy[key] is not None:
+            policy[key] = list(policy[key])
+    return policy
+
+
+class Client:
+    """A connection to a statehub server.
+
+    Args:
+        url: server address; default ``STATEHUB_URL`` or ``http://127.0.0.1:8000``.
+        token: bearer token; default ``STATEHUB_TOKEN``.
+        timeout: seconds to wait for the server to answer (not for a whole transfer).
+        retries: attempts for idempotent calls on connection errors and 408/429/5xx.
+
+    Example:
+        >>> hub = Client()
+        >>> hub.push("vision/resnet50-rsp", model, alias="prod")
+        >>> sd = hub.fetch("vision/resnet50-rsp@prod", target=my_model)
+        >>> my_model.load_state_dict(sd)
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> None:
+        self.url = (url or os.environ.get("STATEHUB_URL") or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get("STATEHUB_TOKEN")
+        headers = {"User-Agent": "statehub-client/0.1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.retries = retries
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _send(self, make: Callable[[], httpx.Request], *, retry: bool) -> httpx.Response:
+        """Send with backoff on connection errors and retryable statuses (if ``retry``)."""
+        attempts = self.retries if retry else 1
+        for attempt in range(attempts):
+            try:
+                response = self._http.send(make(), stream=True)
+            except httpx.TransportError as exc:
+                if attempt + 1 == attempts:
+                    raise ConnectionFailed(f"cannot reach statehub at {self.url}: {exc}") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt + 1 == attempts:
+                    if response.status_code >= 400:
+                        raise_for_status(response)
+                    return response
+                response.close()
+            time.sleep(min(0.25 * 2**attempt, 4.0))
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
+        response = self._send(lambda: self._http.build_request(method, path, **kwargs), retry=retry)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response.json() if response.content else None
+
+    # -- models and versions --------------------------------------------------------------
+
+    def push(
+        self,
+        name: str,
+        obj: Any,
+        *,
+        alias: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        ema: bool = False,
+    ) -> Version:
+        """Upload a checkpoint as the next version of ``name`` (created if new).
+
+        Args:
+            name: ``namespace/name`` (namespace ``default`` if omitted).
+            obj: an ``nn.Module``, a dict of tensors, or a path to a .safetensors /
+                .pth / .pt / .bin file (training snapshots are unpacked by the server).
+            alias: also point this alias (e.g. ``prod``) at the new version.
+            metadata: JSON-able data kept with the version.
+            ema: take the EMA weights of a training snapshot instead of the raw ones.
+
+        Returns:
+            The stored :class:`Version` (``created=False`` when identical bytes were
+            already a version of this model: pushing is idempotent, so it is retried).
+
+        Raises:
+            InvalidCheckpoint, UnsafePickle, TooLarge, InvalidName, ConnectionFailed.
+        """
+        model, _ = split_ref(name)
+        params: dict[str, Any] = {"ema": str(ema).lower()}
+        if alias:
+            params["alias"] = alias
+        if metadata:
+            params["metadata"] = json.dumps(metadata)
+        body, length = self._upload_body(obj)
+        response = self._send(
+            lambda: self._http.build_request(
+                "POST",
+                f"/v1/models/{model}/versions",
+                params=params,
+                content=body(),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+                timeout=httpx.Timeout(None, connect=10.0),
+            ),
+            retry=True,  # safe: identical bytes return the existing version
+        )
+        with response:
+            response.read()
+        return Version.from_json(response.json(), created=response.status_code == 201)
+
+    @staticmethod
+    def _upload_body(obj: Any) -> tuple[Callable[[], Iterator[bytes]], int]:
+        if isinstance(obj, (str, Path)):
+            path = Path(obj)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such checkpoint file: {path}")
+            if path.suffix not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+                raise ValueError(
+                    f"{path.name}: expected a .safetensors, .pth, .pt, .bin or .ckpt file"
+                )
+
+            def from_file() -> Iterator[bytes]:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
+
+            return from_file, path.stat().st_size
+        items = dedupe_tied(state_dict_of(obj))
+        header = safetensors_header(items)
+        length = len(header) + sum(t.numel() * t.element_size() for _, t in items)
+        return (lambda: iter_safetensors(items, header)), length
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        model, _ = split_ref(name)
+        return self._json("GET", f"/v1/models/{model}")
+
+    def list_models(
+        self,
+        *,
+        query: str | None = None,
+        namespace: str | None = None,
+        tag: str | None = None,
+        arch_fp: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        params = {"q": query, "namespace": namespace, "tag": tag, "arch_fp": arch_fp}
+        params = {k: v for k, v in params.items() if v is not None}
+        return self._json("GET", "/v1/models", params={**params, "limit": limit, "offset": offset})
+
+    def delete_model(self, name: str) -> None:
+        model, _ = split_ref(name)
+        self._json("DELETE", f"/v1/models/{model}", retry=False)
+
+    def versions(self, name: str) -> list[Version]:
+        model, _ = split_ref(name)
+        return [Version.from_json(v) for v in self._json("GET", f"/v1/models/{model}/versions")]
+
+    def version(self, ref: str) -> Version:
+        model, version = split_ref(ref)
+        return Version.from_json(self._json("GET", f"/v1/models/{model}/versions/{version}"))
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+        model, _ = split_ref(name)
+        return self._json("PUT", f"/v1/models/{model}/aliases/{alias}", json={"version": version})
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def register_adapter(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        """Register a declarative adapter (name, scope, rules); see the server docs."""
+        return self._json("POST", "/v1/adapters", json=adapter, retry=False)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/adapters")
+
+    # -- fitting --------------------------------------------------------------------------
+
+    def plan(self, ref: str, *, target: Any, **policy: Any) -> Plan:
+        """How ``ref`` maps onto ``target`` (module, state_dict, spec or file); no weights move."""
+        model, version = split_ref(ref)
+        body = {"target": spec_of(target), "policy": _policy(policy)}
+        data = self._json("POST", f"/v1/models/{model}/versions/{version}/plan", json=body)
+        return Plan.from_json(data["plan"], data["plan_id"])
+
+    def find_compatible(self, target: Any, *, limit: int = 10, **policy: Any) -> list[dict[str, Any]]:
+        """Stored versions ranked by how well they fit ``target``."""
+        body = {"target": spec_of(target), "policy": _policy(policy), "limit": limit}
+        return self._json("POST", "/v1/search/compatible", json=body)
+
+    def fetch(
+        self,
+        ref: str,
+        *,
+        target: Any,
+        device: str | torch.device | None = None,
+        load: bool = False,
+        **policy: Any,
+    ) -> dict[str, torch.Tensor]:
+        """A state_dict of ``ref`` fitted to ``target``, ready for a strict ``load_state_dict``.
+
+        Args:
+            ref: ``ns/name``, ``ns/name:3``, ``ns/name@prod`` or ``ns/name@sha256:...``.
+            target: the model (or its state_dict) the weights are for. Keys the plan keeps
+                from the target are filled from the target's own state_dict; a spec or a
+                file works too when every key comes from the checkpoint.
+            device: where to place the tensors (``"cuda"``...).
+            load: also load the result into ``target`` (an ``nn.Module``), strictly.
+            **policy: ``strict``, ``head``, ``embedding``, ``on_missing``,
+                ``allow_structural``, ``allow_ops``, ``adapters``.
+
+        Raises:
+            Incompatible: the policy forbids what fitting would need (``.plan`` says why).
+            NotFound, ConnectionFailed, IntegrityError.
+        """
+        model, version = split_ref(ref)
+        body = {"target": spec_of(target), "policy": _policy(policy)}
+        path = f"/v1/models/{model}/versions/{version}/fetch"
+        tensors, metadata = self._fetch_stream(path, body)
+        state_dict = self._complete(tensors, metadata, target)
+        if device is not None:
+            state_dict = {k: v.to(device) for k, v in state_dict.items()}
+        if load:
+            if not isinstance(target, torch.nn.Module):
+                raise TypeError("load=True needs the target nn.Module")
+            target.load_state_dict(state_dict, strict=True)
+        return state_dict
+
+    def _fetch_stream(
+        self, path: str, body: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        stream = _ResumableBody(self, path, body)
+        reader = StreamReader(stream.chunks())
+        try:
+            tensors, metadata = read_safetensors_stream(reader)
+        except EOFError as exc:
+            raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
+        finally:
+            stream.close()
+        if reader.consumed != stream.total:
+            raise IntegrityError(
+                f"read {reader.consumed} bytes of a {stream.total}-byte fetch response"
+            )
+        return tensors, metadata
+
+    @staticmethod
+    def _complete(
+        tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Any
+    ) -> dict[str, torch.Tensor]:
+        """Fill keep_target keys from the target and tied keys from their canonical key,
+        in the target's key order."""
+        keep = json.loads(metadata.get("statehub.keep_target", "[]"))
+        tied = json.loads(metadata.get("statehub.tied", "{}"))
+        if keep:
+            try:
+                own = state_dict_of(target)
+            except TypeError:
+                raise StatehubError(
+                    f"the plan keeps {len(keep)} tensor(s) from the target (e.g. {keep[0]!r}); "
+                    "pass the model or its state_dict as target to fill them"
+                ) from None
+            for key in keep:
+                tensors[key] = own[key].detach()
+        for key, canonical in tied.items():
+            tensors[key] = tensors[canonical]
+        order = [t["key"] for t in spec_of(target)["tensors"]]
+        return {k: tensors[k] for k in order if k in tensors} | {
+            k: v for k, v in tensors.items() if k not in set(order)
+        }
+
+
+class _ResumableBody:
+    """The body of a fetch, resumed with ``Range`` + ``If-Range`` if the connection drops."""
+
+    def __init__(self, client: Client, path: str, body: dict[str, Any], resumes: int = 3):
+        self._client = client
+        self._path = path
+        self._body = body
+        self._resumes = resumes
+        self._response: httpx.Response | None = None
+        self.total = 0
+        self.etag = ""
+
+    def _open(self, received: int) -> httpx.Response:
+        headers = {}
+        if received:
+            headers = {"Range": f"bytes={received}-", "If-Range": self.etag}
+        response = self._client._send(
+            lambda: self._client._http.build_request(
+                "POST",
+                self._path,
+                json=self._body,
+                headers=headers,
+                timeout=httpx.Timeout(self._client._http.timeout.read, connect=10.0),
+            ),
+            retry=True,
+        )
+        if received and response.status_code != 206:
+            response.close()
+            raise IntegrityError("the fitted checkpoint changed while resuming; fetch again")
+        return response
+
+    def chunks(self) -> Iterator[bytes]:
+        received = 0
+        self._response = self._open(0)
+        self.total = int(self._response.headers["content-length"])
+        self.etag = self._response.headers.get("etag", "")
+        resumes = self._resumes
+        while True:
+            try:
+                for chunk in self._response.iter_raw(CHUNK):
+                    received += len(chunk)
+                    yield chunk
+                if received >= self.total:
+                    return
+            except httpx.TransportError:
+                if resumes == 0:
+                    raise
+            self._response.close()
+            if received >= self.total or resumes == 0:
+                return
+            resumes -= 1
+            self._response = self._open(received)
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()

@@ -1,0 +1,96 @@
+"""What the client returns: plain dataclasses over the server's JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Version:
+    model: str
+    version: int
+    ref: str
+    digest: str
+    size: int
+    arch_fp: str
+    shape_fp: str
+    tensor_count: int
+    param_count: int
+    source_format: str
+    aliases: list[str]
+    ingest: dict[str, Any]
+    metadata: dict[str, Any]
+    spec: dict[str, Any] | None = None
+    created: bool = True
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, created: bool = True) -> Version:
+        return cls(
+            model=data["model"],
+            version=data["version"],
+            ref=data["ref"],
+            digest=data["digest"],
+            size=data["size"],
+            arch_fp=data["arch_fp"],
+            shape_fp=data["shape_fp"],
+            tensor_count=data["tensor_count"],
+            param_count=data["param_count"],
+            source_format=data["source_format"],
+            aliases=data.get("aliases", []),
+            ingest=data.get("ingest", {}),
+            metadata=data.get("metadata", {}),
+            spec=data.get("spec"),
+            created=created,
+        )
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    target: str
+    source: str | None
+    action: str
+    stage: str
+    rule: str
+    ops: list[dict[str, Any]]
+    evidence: dict[str, Any] | None = None
+    tied_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    verdict: str
+    entries: list[PlanEntry]
+    coverage: dict[str, Any]
+    unused: list[str]
+    dropped: list[str]
+    warnings: list[str]
+    reasons: list[str]
+    adapters: list[dict[str, Any]]
+    plan_id: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], plan_id: str = "") -> Plan:
+        return cls(
+            verdict=data["verdict"],
+            entries=[PlanEntry(**e) for e in data["entries"]],
+            coverage=data["coverage"],
+            unused=data["unused"],
+            dropped=data.get("dropped", []),
+            warnings=data["warnings"],
+            reasons=data["reasons"],
+            adapters=data.get("adapters", []),
+            plan_id=plan_id,
+            raw=data,
+        )
+
+    @property
+    def keep_target(self) -> list[str]:
+        return [e.target for e in self.entries if e.action == "keep_target"]
+
+    def entry(self, target_key: str) -> PlanEntry:
+        for e in self.entries:
+            if e.target == target_key:
+                return e
+        raise KeyError(target_key)

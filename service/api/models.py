@@ -1,0 +1,228 @@
+"""Models, versions (upload, metadata, blob) and aliases."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from service import metrics, registry
+from service.api.deps import (
+    ActorDep,
+    BlobStoreDep,
+    DatabaseDep,
+    ModelNameDep,
+    SessionDep,
+    SettingsDep,
+    VersionRefDep,
+)
+from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
+from service.core.names import ModelName
+from service.errors import InvalidRequest
+from service.fitting import parse_range
+from service.storage import repositories as repo
+from service.storage.spool import SpoolFile
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+MAX_METADATA_CHARS = 64 * 1024
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
+def create_model(body: ModelCreate, session: SessionDep, actor: ActorDep) -> ModelOut:
+    name = ModelName.of(body.namespace, body.name)
+    model = registry.create_model(
+        session=session, name=name, description=body.description, tags=body.tags, actor=actor
+    )
+    return ModelOut.of(model)
+
+
+@router.get("", response_model=ModelList)
+def list_models(
+    session: SessionDep,
+    q: str | None = Query(default=None, max_length=200),
+    namespace: str | None = Query(default=None, max_length=96),
+    tag: str | None = Query(default=None, max_length=96),
+    arch_fp: str | None = Query(default=None, pattern="^[0-9a-f]{64}$"),
+    limit: int = Query(default=50, ge=1, le=500),
+    offset: int = Query(default=0, ge=0),
+) -> ModelList:
+    models, total = repo.list_models(
+        session, query=q, namespace=namespace, tag=tag, arch_fp=arch_fp, limit=limit, offset=offset
+    )
+    return ModelList(
+        items=[ModelOut.of(m) for m in models], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{namespace}/{name}", response_model=ModelOut)
+def get_model(name: ModelNameDep, session: SessionDep) -> ModelOut:
+    return ModelOut.of(repo.get_model(session, name), detailed=True)
+
+
+@router.delete("/{namespace}/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(name: ModelNameDep, session: SessionDep, actor: ActorDep) -> Response:
+    registry.delete_model(session=session, name=name, actor=actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{namespace}/{name}/versions",
+    response_model=VersionOut,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_version(
+    request: Request,
+    response: Response,
+    name: ModelNameDep,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    blobs: BlobStoreDep,
+    actor: ActorDep,
+    alias: str | None = Query(default=None, max_length=96),
+    metadata: str | None = Query(default=None, max_length=MAX_METADATA_CHARS),
+    ema: bool = Query(default=False, description="take EMA weights from a training snapshot"),
+) -> VersionOut:
+    """Upload a checkpoint as the raw request body (safetensors, or a torch .pth/.pt/.bin).
+
+    The body is spooled to disk while it is hashed. Identical bytes already stored as a
+    version of this model return that version with status 200 instead of a new one.
+    """
+    user_metadata = _parse_metadata(metadata)
+    length = request.headers.get("content-length")
+    spool = SpoolFile(
+        settings.effective_spool_dir,
+        max_bytes=settings.max_upload_bytes,
+        expected_bytes=int(length) if length and length.isdigit() else None,
+    )
+    try:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        spooled = spool.finish()
+    except BaseException:
+        spool.discard()
+        raise
+    metrics.BYTES_PUSHED.inc(amount=spooled.size)
+    result = await run_in_threadpool(
+        lambda: registry.push_version(
+            db=db,
+            blobs=blobs,
+            settings=settings,
+            name=name,
+            spooled=spooled,
+            metadata=user_metadata,
+            alias=alias,
+            ema=ema,
+            actor=actor,
+        )
+    )
+    out = VersionOut.of(result.version, aliases=result.aliases, with_spec=False)
+    if not result.created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/models/{name}/versions/{result.version.number}"
+    return out
+
+
+def _parse_metadata(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"metadata is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("metadata must be a JSON object")
+    return value
+
+
+@router.get("/{namespace}/{name}/versions", response_model=list[VersionOut])
+def list_versions(name: ModelNameDep, session: SessionDep) -> list[VersionOut]:
+    model = repo.get_model(session, name)
+    aliases = repo.aliases_by_version(session, model)
+    return [
+        VersionOut.of(v, aliases=aliases.get(v.id, []), with_spec=False)
+        for v in repo.list_versions(session, model)
+    ]
+
+
+@router.get("/{namespace}/{name}/versions/{ref}", response_model=VersionOut)
+def get_version(name: ModelNameDep, ref: VersionRefDep, session: SessionDep) -> VersionOut:
+    version = registry.get_version(session=session, name=name, ref=ref)
+    aliases = repo.aliases_by_version(session, version.model).get(version.id, [])
+    return VersionOut.of(version, aliases=aliases, with_spec=True)
+
+
+@router.get(
+    "/{namespace}/{name}/versions/{ref}/blob",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}},
+)
+def download_blob(
+    request: Request,
+    name: ModelNameDep,
+    ref: VersionRefDep,
+    session: SessionDep,
+    blobs: BlobStoreDep,
+    settings: SettingsDep,
+) -> StreamingResponse:
+    """The stored safetensors bytes, unchanged. ``Range`` requests resume."""
+    version = registry.get_version(session=session, name=name, ref=ref)
+    digest, size = version.digest, version.size
+    etag = f'"{digest}"'
+    if_range = request.headers.get("if-range")
+    wanted = request.headers.get("range") if not if_range or if_range == etag else None
+    byte_range = parse_range(wanted, size)
+    start, end = byte_range or (0, size)
+    blobs.size(digest)  # fail with a storage error now, not halfway through the body
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(end - start),
+        "Content-Disposition": f'attachment; filename="{name.name}-{version.number}.safetensors"',
+    }
+    if byte_range:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return StreamingResponse(
+        blobs.iter_range(digest, start, end, settings.stream_chunk_bytes),
+        status_code=206 if byte_range else 200,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+aliases_router = APIRouter(prefix="/v1/models", tags=["aliases"])
+
+
+@aliases_router.get("/{namespace}/{name}/aliases", response_model=list[AliasOut])
+def list_aliases(name: ModelNameDep, session: SessionDep) -> list[AliasOut]:
+    model = repo.get_model(session, name)
+    return [
+        AliasOut(model=str(name), alias=a.name, version=a.version.number) for a in model.aliases
+    ]
+
+
+@aliases_router.put("/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
+def set_alias(
+    name: ModelNameDep, alias: str, body: AliasSet, session: SessionDep, actor: ActorDep
+) -> AliasOut:
+    alias, version = registry.set_alias(
+        session=session, name=name, alias=alias, number=body.version, actor=actor
+    )
+    return AliasOut(model=str(name), alias=alias, version=version.number)
+
+
+@aliases_router.delete(
+    "/{namespace}/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT
+)
+def delete_alias(name: ModelNameDep, alias: str, session: SessionDep, actor: ActorDep) -> Response:
+    registry.delete_alias(session=session, name=name, alias=alias, actor=actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,238 @@
+"""Request and response bodies of the v1 API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.core.plan import ALL_OPS, Plan, Policy
+from service.core.spec import ArchSpec
+from service.storage.models import Adapter, Model, Version
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: str = "default"
+    name: str
+    description: str = Field(default="", max_length=10_000)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+
+
+class TensorIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    shape: list[int]
+    dtype: str
+
+
+class SpecIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tensors: list[TensorIn]
+    tie_groups: list[list[str]] = Field(default_factory=list)
+
+    def to_spec(self) -> ArchSpec:
+        return ArchSpec.of(((t.key, t.shape, t.dtype) for t in self.tensors), self.tie_groups)
+
+
+class PolicyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strict: bool = False
+    allow_structural: bool = True
+    head: Literal["keep", "slice"] = "keep"
+    embedding: Literal["keep", "resize"] = "keep"
+    on_missing: Literal["keep", "error"] = "keep"
+    allow_ops: list[Literal[ALL_OPS]] | None = None  # type: ignore[valid-type]
+    adapters: list[str] = Field(default_factory=list, max_length=32)
+
+    def to_policy(self) -> Policy:
+        return Policy(
+            strict=self.strict,
+            allow_structural=self.allow_structural,
+            head=self.head,
+            embedding=self.embedding,
+            on_missing=self.on_missing,
+            allow_ops=tuple(sorted(set(self.allow_ops))) if self.allow_ops is not None else ALL_OPS,
+            adapters=tuple(sorted(set(self.adapters))),
+        )
+
+
+class FitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: SpecIn
+    policy: PolicyIn = Field(default_factory=PolicyIn)
+
+
+class SearchRequest(FitRequest):
+    limit: int = Field(default=10, ge=1, le=100)
+
+
+class AliasSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class VersionOut(BaseModel):
+    model: str
+    version: int
+    ref: str
+    digest: str
+    size: int
+    arch_fp: str
+    shape_fp: str
+    tensor_count: int
+    param_count: int
+    source_format: str
+    aliases: list[str]
+    ingest: dict[str, Any]
+    metadata: dict[str, Any]
+    created_by: str
+    created_at: datetime
+    spec: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, version: Version, *, aliases: list[str], with_spec: bool) -> VersionOut:
+        model = f"{version.model.namespace}/{version.model.name}"
+        spec = None
+        if with_spec:
+            spec = {
+                "tensors": [
+                    {"key": t["key"], "shape": t["shape"], "dtype": t["dtype"]}
+                    for t in version.spec["tensors"]
+                ],
+                "tie_groups": version.spec.get("tie_groups", []),
+            }
+        return cls(
+            model=model,
+            version=version.number,
+            ref=f"{model}:{version.number}",
+            digest=version.digest,
+            size=version.size,
+            arch_fp=version.arch_fp,
+            shape_fp=version.shape_fp,
+            tensor_count=version.tensor_count,
+            param_count=version.param_count,
+            source_format=version.source_format,
+            aliases=aliases,
+            ingest=version.ingest,
+            metadata=version.user_metadata,
+            created_by=version.created_by,
+            created_at=version.created_at,
+            spec=spec,
+        )
+
+
+class ModelOut(BaseModel):
+    namespace: str
+    name: str
+    description: str
+    tags: list[str]
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    latest_version: int | None
+    versions: list[VersionOut] | None = None
+    aliases: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, model: Model, *, detailed: bool = False) -> ModelOut:
+        by_id = {v.id: v.number for v in model.versions}
+        aliases = {a.name: by_id[a.version_id] for a in model.aliases if a.version_id in by_id}
+        versions = None
+        if detailed:
+            names: dict[int, list[str]] = {}
+            for alias in model.aliases:
+                names.setdefault(alias.version_id, []).append(alias.name)
+            versions = [
+                VersionOut.of(v, aliases=names.get(v.id, []), with_spec=False)
+                for v in model.versions
+            ]
+        return cls(
+            namespace=model.namespace,
+            name=model.name,
+            description=model.description,
+            tags=model.tags or [],
+            created_by=model.created_by,
+            created_at=model.created_at,
+            updated_at=model.updated_at,
+            latest_version=aliases.get("latest"),
+            versions=versions,
+            aliases=aliases if detailed else None,
+        )
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int
+
+
+class PlanOut(BaseModel):
+    model: str
+    version: int
+    digest: str
+    plan_id: str
+    plan: dict[str, Any]
+
+    @classmethod
+    def of(cls, version: Version, plan: Plan) -> PlanOut:
+        return cls(
+            model=f"{version.model.namespace}/{version.model.name}",
+            version=version.number,
+            digest=version.digest,
+            plan_id=plan.plan_id,
+            plan=plan.to_json(),
+        )
+
+
+class SearchHit(BaseModel):
+    ref: str
+    model: str
+    version: int
+    digest: str
+    verdict: str
+    coverage: dict[str, Any]
+
+
+class AdapterOut(BaseModel):
+    name: str
+    version: int
+    description: str
+    scope: dict[str, str | None]
+    rules: list[dict[str, Any]]
+    created_by: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> AdapterOut:
+        return cls(
+            name=adapter.name,
+            version=adapter.version,
+            description=adapter.description,
+            scope={
+                "model": adapter.scope_model,
+                "source_arch_fp": adapter.scope_source_arch_fp,
+                "target_arch_fp": adapter.scope_target_arch_fp,
+            },
+            rules=adapter.rules,
+            created_by=adapter.created_by,
+            created_at=adapter.created_at,
+        )

@@ -1,0 +1,181 @@
+"""The FastAPI application: routers, the one error mapping, request ids, lifespan."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.api import adapters, fitting, models
+from service.errors import StatehubError, TooLarge
+from service.settings import Settings
+from service.storage import db as database
+from service.storage.blobs import open_blob_store
+
+log = logging.getLogger("statehub")
+
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.effective_spool_dir.mkdir(parents=True, exist_ok=True)
+        if settings.migrate_on_start:
+            database.upgrade(settings.effective_database_url)
+        app.state.settings = settings
+        app.state.db = database.Database(settings.effective_database_url)
+        app.state.blobs = open_blob_store(settings)
+        try:
+            yield
+        finally:
+            app.state.db.dispose()
+
+    app = FastAPI(
+        title="statehub",
+        version="1",
+        summary="A registry that fits stored PyTorch checkpoints to the model that asks.",
+        lifespan=lifespan,
+    )
+    app.include_router(models.router)
+    app.include_router(models.aliases_router)
+    app.include_router(fitting.router)
+    app.include_router(adapters.router)
+    _add_health_routes(app)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_spec_bytes)
+    app.middleware("http")(_request_id)
+    return app
+
+
+def _add_health_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """The database and the blob store answer."""
+        checks: dict[str, str] = {}
+        for name, check in (
+            ("database", request.app.state.db.check),
+            ("blobs", request.app.state.blobs.check),
+        ):
+            try:
+                check()
+                checks[name] = "ok"
+            except StatehubError as exc:
+                checks[name] = exc.message
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def prometheus_metrics() -> str:
+        return metrics.render()
+
+
+def error_response(
+    request: Request, status: int, code: str, message: str, detail: dict[str, Any]
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "")
+    headers = {"X-Error-Code": code, "X-Request-ID": request_id}
+    if status == 503:
+        headers["Retry-After"] = "5"
+    body = {"error": {"code": code, "message": message, "detail": detail}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StatehubError)
+    async def statehub_error(request: Request, exc: StatehubError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
+        return error_response(request, exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()[:20]
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(
+            request, 422, "invalid_request", f"{where}: {first['msg']}", {"errors": errors}
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "invalid_request")
+        return error_response(request, exc.status_code, code, str(exc.detail), {})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(request, 500, "internal", "internal server error", {})
+
+
+async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]):  # type: ignore[no-untyped-def]
+    incoming = request.headers.get("x-request-id", "")
+    request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+    request.state.request_id = request_id
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+class BodyLimitMiddleware:
+    """Bounds JSON request bodies (specs, policies); uploads have their own limit."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        if scope["path"].endswith("/versions"):  # uploads: bounded by max_upload_bytes
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise TooLarge(f"request body exceeds {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        request.state.request_id = ""
+        response = error_response(
+            request,
+            413,
+            TooLarge.code,
+            f"request body exceeds the limit of {self.max_bytes} bytes",
+            {"limit": self.max_bytes},
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,994 @@
+"""The compatibility planner (DESIGN section 5): fit a checkpoint's spec to a model's spec.
+
+``plan(source, target)`` decides, for every target key in target order, which checkpoint
+tensor fills it and through which ops, or that the model keeps its own value. It works on
+specs alone (no tensors, no torch, no I/O), is deterministic (same inputs, byte-identical
+``Plan.canonical_json()``) and linear-ish in the number of keys.
+
+Stages run in order, each only on what the earlier ones left unmatched:
+
+    1 adapter     registered adapters: key rules rewrite checkpoint keys, op rules attach ops
+    2 prefix      wrappers (``module.``, ``_orig_mod.``), then one prefix substitution
+    3 exact       same key and shape (same key, other shape: queued for stage 6)
+    4 normalized  case-insensitive, legacy ``gamma/beta`` -> ``weight/bias``
+    5 structural  order-and-shape alignment, accepted only when unambiguous
+    6 shape_ops   first conv channels, classifier head, position embeddings, vocabulary
+    7 dtype       cast to the target dtype
+    8 buffers     ``num_batches_tracked`` filled with 0
+    9 missing     the model keeps its own value (or a reason, under on_missing="error")
+
+Then tie groups are made consistent, and the verdict and coverage computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.core.adapters import AdapterSpec, adapter_label, apply_key_rules, match_op_rules
+from service.core.ops import (
+    OpError,
+    adapt_in_channels_op,
+    cast_op,
+    fill_op,
+    infer_chain,
+    pad_op,
+    resample_pos_embed_op,
+    slice_op,
+)
+from service.core.plan import Coverage, Entry, Plan, Policy, Verdict
+from service.core.spec import DTYPE_SIZES, ArchSpec, TensorSpec
+from service.errors import InvalidSpec
+
+Shape = tuple[int, ...]
+Op = dict[str, Any]
+AdapterInput = tuple[Mapping[str, Any], AdapterSpec]
+
+# Leading components that wrappers add to every key: DataParallel/DDP and torch.compile.
+WRAPPERS = ("module", "_orig_mod")
+# Legacy names of LayerNorm / BatchNorm affine parameters (TF ports, old BERT checkpoints).
+LEGACY_NAMES = {"gamma": "weight", "beta": "bias"}
+# Tokens that precede the patch grid in a ViT's absolute position embedding.
+PREFIX_TOKEN_NAMES = ("cls_token", "dist_token", "reg_token")
+MAX_GUESSED_PREFIX_TOKENS = 8
+# Prefix search: a (suffix, shape) shared by more target keys than this says nothing about
+# which prefix maps to which (think "weight" [64]); only this many top candidates are scored.
+MAX_BUCKET = 4
+MAX_CANDIDATES = 4
+# Lists of keys inside one message are cut after this many names.
+MAX_NAMES_IN_MESSAGE = 10
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def plan(
+    source: ArchSpec,
+    target: ArchSpec,
+    *,
+    policy: Policy = Policy(),
+    adapters: Sequence[AdapterInput] = (),
+) -> Plan:
+    """Plan how to fill ``target`` from a checkpoint whose spec is ``source``.
+
+    ``adapters`` are the applicable adapters with what the plan records for each (e.g.
+    ``{"name": ..., "version": ...}``); their order does not matter: they run sorted by name
+    and version. Raises InvalidSpec for specs that cannot be planned (duplicate keys, unknown
+    dtypes, inconsistent tie groups); everything else, however incompatible, is a Plan.
+    """
+    _validate_spec(source, "source")
+    _validate_spec(target, "target")
+    aliases = _source_aliases(source)
+    groups = _target_tie_groups(target)
+    ordered = sorted(adapters, key=_adapter_order)
+    return _Planner(source, target, policy, ordered, aliases, groups).run()
+
+
+def _adapter_order(adapter: AdapterInput) -> tuple[str, int, str]:
+    meta, spec = adapter
+    version = meta.get("version")
+    number = version if isinstance(version, int) and not isinstance(version, bool) else -1
+    return (str(meta.get("name", spec.name)), number, str(version))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _validate_spec(spec: ArchSpec, side: str) -> None:
+    seen: set[str] = set()
+    for t in spec.tensors:
+        if not t.key:
+            raise InvalidSpec(f"{side} spec has an empty key", detail={"side": side})
+        if t.key in seen:
+            raise InvalidSpec(
+                f"{side} spec has duplicate key '{t.key}'", detail={"side": side, "key": t.key}
+            )
+        seen.add(t.key)
+        if t.dtype not in DTYPE_SIZES:
+            raise InvalidSpec(
+                f"{side} spec: '{t.key}' has unknown dtype '{t.dtype}'",
+                detail={"side": side, "key": t.key},
+            )
+        if any(d < 0 for d in t.shape):
+            raise InvalidSpec(
+                f"{side} spec: '{t.key}' has a negative dimension {list(t.shape)}",
+                detail={"side": side, "key": t.key},
+            )
+
+
+def _check_group_members(group: Sequence[str], claimed: set[str], side: str) -> None:
+    if len(set(group)) != len(group):
+        raise InvalidSpec(f"{side} tie group {list(group)} names a key twice")
+    for key in group:
+        if key in claimed:
+            raise InvalidSpec(f"{side} tie groups: '{key}' is in more than one group")
+        claimed.add(key)
+
+
+def _source_aliases(source: ArchSpec) -> dict[str, str]:
+    """alias -> stored key, from the checkpoint's tie groups (only the first is stored)."""
+    aliases: dict[str, str] = {}
+    claimed: set[str] = set()
+    for group in source.tie_groups:
+        if not group:
+            continue
+        _check_group_members(group, claimed, "source")
+        stored = source.get(group[0])
+        if stored is None:
+            raise InvalidSpec(
+                f"source tie group {list(group)}: its first member '{group[0]}' is not stored"
+            )
+        for key in group[1:]:
+            other = source.get(key)
+            if other is None:
+                aliases[key] = stored.key
+            elif other.shape != stored.shape:
+                raise InvalidSpec(
+                    f"source tie group {list(group)}: '{key}' {list(other.shape)} and "
+                    f"'{stored.key}' {list(stored.shape)} cannot share storage"
+                )
+    return aliases
+
+
+def _target_tie_groups(target: ArchSpec) -> list[tuple[str, ...]]:
+    """Target tie groups, validated, ordered by their first member's position in the
+    target (so that the plan does not depend on the order the groups were listed in)."""
+    position = {key: i for i, key in enumerate(target.keys)}
+    claimed: set[str] = set()
+    groups: list[tuple[str, ...]] = []
+    for group in target.tie_groups:
+        _check_group_members(group, claimed, "target")
+        unknown = [k for k in group if k not in position]
+        if unknown:
+            raise InvalidSpec(f"target tie group {list(group)} names unknown keys {unknown}")
+        if len(group) < 2:
+            continue
+        first = target[group[0]]
+        for key in group[1:]:
+            other = target[key]
+            if (other.shape, other.dtype) != (first.shape, first.dtype):
+                raise InvalidSpec(
+                    f"target tie group {list(group)}: '{key}' {list(other.shape)} "
+                    f"{other.dtype} and '{first.key}' {list(first.shape)} {first.dtype} "
+                    "cannot share storage"
+                )
+        groups.append(tuple(group))
+    return sorted(groups, key=lambda g: min(position[k] for k in g))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@dataclass(slots=True)
+class _Source:
+    """A checkpoint tensor as the stages see it, under its current (possibly renamed) name."""
+
+    stored: str  # the key the fetch reads
+    original: str  # its name in the checkpoint: the stored key, or a tie alias of it
+    shape: Shape
+    dtype: str
+    position: int | None  # order in the checkpoint; None for aliases (never stored)
+    renames: list[str] = field(default_factory=list)  # rules that renamed it, in order
+    renamed_by: str | None = None  # the last stage that renamed it ("adapter" / "prefix")
+    evidence: dict[str, Any] | None = None  # why the prefix stage renamed it
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What stage 6 decided for one name-paired tensor whose shape differs."""
+
+    ops: list[Op] | None  # None: the model keeps its own value
+    rule: str
+    evidence: dict[str, Any] | None = None
+    warning: str | None = None
+
+
+def _last(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def _module(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _dot_cuts(key: str) -> list[int]:
+    """Positions where a dot-boundary suffix starts: 0, and after every '.'."""
+    cuts = [0]
+    for part in key.split(".")[:-1]:
+        cuts.append(cuts[-1] + len(part) + 1)
+    return cuts
+
+
+def _normalized(key: str) -> str:
+    head, dot, last = key.lower().rpartition(".")
+    return head + dot + LEGACY_NAMES.get(last, last)
+
+
+def _names(keys: Sequence[str]) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:MAX_NAMES_IN_MESSAGE])
+    more = len(keys) - MAX_NAMES_IN_MESSAGE
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _square_side(n: int) -> int | None:
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side > 0 and side * side == n else None
+
+
+# ------------------------------------------------------------------------------ the planner
+
+
+class _Planner:
+    def __init__(
+        self,
+        source: ArchSpec,
+        target: ArchSpec,
+        policy: Policy,
+        adapters: Sequence[AdapterInput],
+        aliases: dict[str, str],
+        groups: list[tuple[str, ...]],
+    ) -> None:
+        self.source, self.target, self.policy = source, target, policy
+        self.adapters, self.groups = adapters, groups
+        self.allowed_ops = frozenset(policy.allow_ops)
+        self.target_index = {key: i for i, key in enumerate(target.keys)}
+        # Unmatched tensors on both sides; dicts keep source / target order.
+        self.pool: dict[str, _Source] = {
+            t.key: _Source(t.key, t.key, t.shape, t.dtype, i) for i, t in enumerate(source.tensors)
+        }
+        for alias, stored in sorted(aliases.items(), key=lambda a: self.pool[a[1]].position or 0):
+            ref = source[stored]
+            self.pool[alias] = _Source(stored, alias, ref.shape, ref.dtype, None)
+        self.open: dict[str, TensorSpec] = {t.key: t for t in target.tensors}
+        self.entries: dict[str, Entry] = {}
+        self.loaded_from: dict[str, _Source] = {}
+        self.shape_queue: list[tuple[str, _Source]] = []
+        self.warnings: list[str] = []
+        self.reasons: list[str] = []
+        self.dropped: list[str] = []
+        self.used_adapters: set[int] = set()
+
+    def run(self) -> Plan:
+        self.stage_adapters()
+        self.stage_prefix()
+        self.stage_exact()
+        self.stage_normalized()
+        if self.policy.allow_structural:
+            self.stage_structural()
+        self.stage_shape_ops()
+        self.stage_dtype()
+        self.stage_buffers()
+        self.stage_missing()
+        self.apply_tie_groups()
+        self.report_missing()
+        return self.build_plan()
+
+    # ---------------------------------------------------------------- recording entries
+
+    def load(
+        self,
+        key: str,
+        src: _Source,
+        *,
+        stage: str,
+        rule: str,
+        ops: Sequence[Op] = (),
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
+        notes = list(src.renames)
+        if src.original != src.stored:
+            notes.append(f"'{src.original}' is stored as '{src.stored}' (tied in the checkpoint)")
+        merged = {**(src.evidence or {}), **(evidence or {})} or None
+        self.entries[key] = Entry(
+            target=key,
+            source=src.stored,
+            action="transform" if ops else "copy",
+            stage=stage,
+            rule="; ".join([*notes, rule] if rule else notes),
+            ops=list(ops),
+            evidence=merged,
+        )
+        self.loaded_from[key] = src
+
+    def keep(
+        self, key: str, *, stage: str, rule: str, evidence: dict[str, Any] | None = None
+    ) -> None:
+        self.entries[key] = Entry(key, None, "keep_target", stage, rule, [], evidence)
+
+    def take(self, key: str, name: str | None = None) -> None:
+        """Remove a target key (and a source name) from the unmatched pools."""
+        del self.open[key]
+        if name is not None:
+            del self.pool[name]
+
+    def forbidden(self, ops: Sequence[Op]) -> list[str]:
+        return sorted({op["op"] for op in ops} - self.allowed_ops)
+
+    # ---------------------------------------------------------------- stage 1: adapters
+
+    def stage_adapters(self) -> None:
+        if not self.adapters:
+            return
+        self.rewrite_source_keys()
+        used_rules: set[tuple[int, int]] = set()
+        for key in list(self.open):
+            matches = match_op_rules(self.adapters, key)
+            if matches:
+                if self.attach_adapter_ops(key, [(m.op, m.label) for m in matches]):
+                    used_rules.update((m.adapter, m.rule) for m in matches)
+                    self.used_adapters.update(m.adapter for m in matches)
+                continue
+            src = self.pool.get(key)
+            if (
+                src is not None
+                and src.renamed_by == "adapter"
+                and src.shape == self.open[key].shape
+            ):
+                self.take(key, key)
+                self.load(key, src, stage="adapter", rule="")
+        for a, (meta, spec) in enumerate(self.adapters):
+            for r, _ in spec.op_rules:
+                if (a, r) not in used_rules:
+                    self.warnings.append(
+                        f"adapter {adapter_label(meta, spec)} rule {r}: op rule applied to no key"
+                    )
+
+    def rewrite_source_keys(self) -> None:
+        result = apply_key_rules(self.adapters, list(self.pool))
+        self.reasons.extend(result.errors)
+        self.used_adapters.update(result.applied)
+        pool: dict[str, _Source] = {}
+        for name, original in result.keys.items():
+            src = self.pool[original]
+            if name != original:
+                src.renames.extend(result.rules[name])
+                src.renamed_by = "adapter"
+            pool[name] = src
+        self.dropped = [
+            self.pool[k].stored for k in result.dropped if self.pool[k].position is not None
+        ]
+        self.pool = pool
+
+    def attach_adapter_ops(self, key: str, ops_and_labels: list[tuple[Op, str]]) -> bool:
+        """Entry for a target key that adapter op rules name. False when the rules have
+        nothing to act on (no checkpoint key of that name, and the chain needs an input)."""
+        ops = [op for op, _ in ops_and_labels]
+        labels = "; ".join(label for _, label in ops_and_labels)
+        target = self.open[key]
+        produces = ops[0]["op"] == "fill"
+        src = None if produces else self.pool.get(key)
+        if src is None and not produces:
+            return False
+        shape, dtype = (target.shape, target.dtype) if src is None else (src.shape, src.dtype)
+        try:
+            out_shape, _ = infer_chain(ops, shape, dtype)
+            problem = None if out_shape == target.shape else _shape_text(out_shape)
+        except OpError as exc:
+            problem = str(exc)
+        self.take(key, None if src is None else key)
+        evidence = None if src is None else {"checkpoint_key": src.stored}
+        if problem is not None:
+            self.reasons.append(
+                f"'{key}': adapter ops give {problem} from {_shape_text(shape)}, "
+                f"the model expects {_shape_text(target.shape)} ({labels})"
+            )
+            self.keep(key, stage="adapter", rule=labels, evidence=evidence)
+        elif forbidden := self.forbidden(ops):
+            self.reasons.append(f"'{key}': the policy does not allow {forbidden} ({labels})")
+            self.keep(key, stage="adapter", rule=labels, evidence=evidence)
+        elif src is None:
+            self.entries[key] = Entry(key, None, "fill", "adapter", labels, ops)
+        else:
+            self.load(key, src, stage="adapter", rule=labels, ops=ops)
+        return True
+
+    # ---------------------------------------------------------------- stage 2: prefix
+
+    def stage_prefix(self) -> None:
+        if self.pool and self.open:
+            self.strip_wrappers()
+            self.substitute_prefix()
+
+    def rename_pool(self, renames: dict[str, str], rule: str, evidence: dict[str, Any] | None):
+        pool: dict[str, _Source] = {}
+        for name, src in self.pool.items():
+            new = renames.get(name, name)
+            if new != name:
+                src.renames.append(rule)
+                src.renamed_by = "prefix"
+                src.evidence = evidence
+            pool[new] = src
+        self.pool = pool
+
+    def strip_wrappers(self) -> None:
+        source_chain = _wrapper_chain(self.pool)
+        target_chain = _wrapper_chain(self.open)
+        common = 0
+        while common < min(len(source_chain), len(target_chain)) and (
+            source_chain[common] == target_chain[common]
+        ):
+            common += 1
+        strip = "".join(f"{c}." for c in source_chain[common:])
+        add = "".join(f"{c}." for c in target_chain[common:])
+        if not strip and not add:
+            return
+        # Never strip what the model also has somewhere, nor add what the checkpoint has.
+        lead = "".join(f"{c}." for c in source_chain[:common])
+        if strip and any(k.startswith(lead + strip) for k in self.open):
+            return
+        if add and any(k.startswith(lead + add) for k in self.pool):
+            return
+        old, new = lead + strip, lead + add
+        if not add:
+            rule = f"strip wrapper '{old}'"
+        elif not strip:
+            rule = f"add wrapper '{new}'"
+        else:
+            rule = f"wrapper '{old}' -> '{new}'"
+        self.rename_pool({name: new + name[len(old) :] for name in self.pool}, rule, None)
+
+    def substitute_prefix(self) -> None:
+        """The one dot-boundary substitution p_s -> p_t that maximizes exact (key, shape)
+        matches, when it gains any. Keys that already match as they are keep their names."""
+        target_shapes = {key: t.shape for key, t in self.open.items()}
+        matched = {n for n, s in self.pool.items() if target_shapes.get(n) == s.shape}
+        if len(matched) in (len(self.pool), len(self.open)):
+            return  # nothing left to gain
+        unmatched = [(n, s.shape) for n, s in self.pool.items() if n not in matched]
+        votes = _vote_prefixes(
+            unmatched, [(k, s) for k, s in target_shapes.items() if k not in matched]
+        )
+        ranked = sorted(votes.items(), key=lambda kv: (-kv[1], _candidate_order(kv[0])))
+        best: tuple[tuple[int, tuple[int, str]], tuple[str, str], int] | None = None
+        for candidate, _ in ranked[:MAX_CANDIDATES]:
+            gain = self.substitution_gain(*candidate, unmatched, target_shapes)
+            order = (-gain, _candidate_order(candidate))
+            if gain > 0 and (best is None or order < best[0]):
+                best = (order, candidate, gain)
+        if best is None:
+            return
+        (p_s, p_t), gain = best[1], best[2]
+        renames = {
+            name: p_t + name[len(p_s) :]
+            for name, _ in unmatched
+            if name.startswith(p_s) and not self.collides(name, p_s, p_t)
+        }
+        evidence = {"substitution": [p_s, p_t], "matches": gain}
+        self.rename_pool(renames, f"'{p_s}' -> '{p_t}'", evidence)
+
+    def substitution_gain(
+        self,
+        p_s: str,
+        p_t: str,
+        unmatched: list[tuple[str, Shape]],
+        target_shapes: dict[str, Shape],
+    ) -> int:
+        """New exact (key, shape) matches among the unmatched keys under p_s."""
+        gain = 0
+        for name, shape in unmatched:
+            if name.startswith(p_s):
+                new = p_t + name[len(p_s) :]
+                gain += target_shapes.get(new) == shape and not self.collides(name, p_s, p_t)
+        return gain
+
+    def collides(self, name: str, p_s: str, p_t: str) -> bool:
+        """A substituted name that another checkpoint key, not renamed, already holds."""
+        new = p_t + name[len(p_s) :]
+        return new in self.pool and new != name
+
+    # ---------------------------------------------------------------- stage 3: exact
+
+    def stage_exact(self) -> None:
+        for key in [k for k in self.open if k in self.pool]:
+            src = self.pool[key]
+            self.take(key, key)
+            if src.shape != self.target[key].shape:
+                self.shape_queue.append((key, src))
+            elif src.renamed_by is not None:
+                self.load(key, src, stage=src.renamed_by, rule="")
+            else:
+                self.load(key, src, stage="exact", rule="same key and shape")
+
+    # ---------------------------------------------------------------- stage 4: normalized
+
+    def stage_normalized(self) -> None:
+        sources: dict[str, list[str]] = defaultdict(list)
+        for name in self.pool:
+            sources[_normalized(name)].append(name)
+        targets: dict[str, list[str]] = defaultdict(list)
+        for key in self.open:
+            targets[_normalized(key)].append(key)
+        for norm, keys in targets.items():
+            names = sources.get(norm, [])
+            if len(keys) != 1 or len(names) != 1:
+                continue
+            key, name = keys[0], names[0]
+            src = self.pool[name]
+            self.take(key, name)
+            if src.shape != self.target[key].shape:
+                self.shape_queue.append((key, src))
+            else:
+                self.load(key, src, stage="normalized", rule=_normalized_rule(name, key))
+
+    # ---------------------------------------------------------------- stage 5: structural
+
+    def stage_structural(self) -> None:
+        sources = [(n, s) for n, s in self.pool.items() if s.position is not None]
+        pairs = _signature_pairs(sources, list(self.open.items()))
+        if not pairs:
+            return
+        refusal = _structural_refusal(pairs, [n for n, _ in sources], list(self.open))
+        if refusal is not None:
+            self.warnings.append(
+                f"structural alignment refused: {refusal}; {len(pairs)} candidate pairs "
+                "left unmatched"
+            )
+            return
+        modules = {(_module(n), _module(k)) for n, k in pairs}
+        for name, key in pairs:
+            src = self.pool[name]
+            self.take(key, name)
+            src_module, tgt_module = _module(name), _module(key)
+            self.load(
+                key,
+                src,
+                stage="structural",
+                rule=f"aligned by order and shape: '{name}' -> '{key}'",
+                evidence={
+                    "module_map": [src_module, tgt_module],
+                    "aligned_tensors": len(pairs),
+                    "aligned_modules": len(modules),
+                },
+            )
+        self.warnings.append(
+            f"structural alignment: {len(pairs)} tensors in {len(modules)} modules paired by "
+            "order and shape (names differ)"
+        )
+
+    # ---------------------------------------------------------------- stage 6: shape ops
+
+    def stage_shape_ops(self) -> None:
+        if not self.shape_queue:
+            return
+        self.first_conv = next(
+            (t.key for t in self.target.tensors if len(t.shape) >= 3 and _last(t.key) == "weight"),
+            None,
+        )
+        self.head_keys = self.find_head()
+        for key, src in sorted(self.shape_queue, key=lambda q: self.target_index[q[0]]):
+            self.resolve_shape(key, src)
+
+    def find_head(self) -> frozenset[str]:
+        """The last >=2-D weight in target order and its sibling bias."""
+        weight = next(
+            (
+                t.key
+                for t in reversed(self.target.tensors)
+                if len(t.shape) >= 2 and _last(t.key) == "weight"
+            ),
+            None,
+        )
+        if weight is None:
+            return frozenset()
+        bias = weight[: -len("weight")] + "bias"
+        return frozenset({weight, bias} if bias in self.target else {weight})
+
+    def resolve_shape(self, key: str, src: _Source) -> None:
+        target = self.target[key]
+        decision = (
+            self.first_conv_channels(key, src.shape, target.shape)
+            or self.classifier_head(key, src.shape, target.shape)
+            or self.position_embedding(key, src.shape, target.shape)
+            or self.embedding_rows(key, src.shape, target.shape)
+        )
+        if decision is not None and decision.ops is not None:
+            try:
+                out_shape, _ = infer_chain(decision.ops, src.shape, src.dtype)
+            except OpError:
+                out_shape = None
+            if out_shape != target.shape:
+                decision = None  # e.g. an integer tensor: not ours to interpolate
+        if decision is None:
+            decision = _Decision(
+                None,
+                f"shape mismatch: checkpoint {_shape_text(src.shape)}, "
+                f"model {_shape_text(target.shape)}",
+                warning=f"shape mismatch for '{key}': checkpoint '{src.original}' "
+                f"{_shape_text(src.shape)}, model {_shape_text(target.shape)}; "
+                "keeping the model's value",
+            )
+        evidence = {**(decision.evidence or {}), "checkpoint_key": src.stored}
+        if decision.warning:
+            self.warnings.append(decision.warning)
+        if decision.ops is None:
+            self.keep(key, stage="shape_ops", rule=decision.rule, evidence=evidence)
+        elif forbidden := self.forbidden(decision.ops):
+            self.reasons.append(
+                f"'{key}' needs {', '.join(forbidden)} ({decision.rule}), "
+                "which the policy does not allow"
+            )
+            self.keep(key, stage="shape_ops", rule=decision.rule, evidence=evidence)
+        else:
+            self.load(
+                key,
+                src,
+                stage="shape_ops",
+                rule=decision.rule,
+                ops=decision.ops,
+                evidence=decision.evidence,
+            )
+
+    def first_conv_channels(self, key: str, s: Shape, t: Shape) -> _Decision | None:
+        if key != self.first_conv or len(s) != len(t) or s[0] != t[0] or s[2:] != t[2:]:
+            return None
+        return _Decision(
+            [adapt_in_channels_op(t[1])],
+            f"first conv input channels {s[1]} -> {t[1]}",
+            {"in_chans": [s[1], t[1]]},
+        )
+
+    def classifier_head(self, key: str, s: Shape, t: Shape) -> _Decision | None:
+        if key not in self.head_keys or len(s) != len(t) or s[1:] != t[1:]:
+            return None
+        rows = f"classifier head rows {s[0]} -> {t[0]}"
+        evidence = {"head_rows": [s[0], t[0]]}
+        if self.policy.head == "slice" and t[0] <= s[0]:
+            return _Decision([slice_op(0, 0, t[0])], f"{rows}: first {t[0]} rows", evidence)
+        why = (
+            "policy head='keep'"
+            if self.policy.head == "keep"
+            else "more rows than the checkpoint has"
+        )
+        return _Decision(
+            None,
+            f"{rows}: the model keeps its own ({why})",
+            evidence,
+            warning=f"classifier head '{key}': checkpoint has {s[0]} rows, the model {t[0]}; "
+            f"keeping the model's ({why})",
+        )
+
+    def position_embedding(self, key: str, s: Shape, t: Shape) -> _Decision | None:
+        last = _last(key)
+        if "pos_embed" not in last and "position_embedding" not in last:
+            return None
+        if len(s) != 3 or len(t) != 3 or s[0] != 1 or t[0] != 1 or s[2] != t[2]:
+            return None
+        from_tokens = self.prefix_tokens(_module(key))
+        if from_tokens is not None:
+            # timm's no_embed_class models keep the tokens out of pos_embed: try 0 as well.
+            candidates, origin = [from_tokens, 0], "prefix tokens in the model"
+        else:
+            candidates, origin = list(range(MAX_GUESSED_PREFIX_TOKENS + 1)), "square grids"
+        for p in candidates:
+            old, new = _square_side(s[1] - p), _square_side(t[1] - p)
+            if old is not None and new is not None:
+                return _Decision(
+                    [resample_pos_embed_op(p, [old, old], [new, new])],
+                    f"resample position embedding {old}x{old} -> {new}x{new} "
+                    f"({p} prefix tokens kept)",
+                    {"num_prefix_tokens": p, "prefix_tokens_from": origin},
+                )
+        return None
+
+    def prefix_tokens(self, module: str) -> int | None:
+        """Tokens before the grid: the cls/dist/reg tokens of the pos embed's module."""
+        dot = f"{module}." if module else ""
+        found = [self.target.get(dot + name) for name in PREFIX_TOKEN_NAMES]
+        tokens = [t for t in found if t is not None]
+        if not tokens:
+            return None
+        return sum(t.shape[1] if len(t.shape) == 3 else 1 for t in tokens)
+
+    def embedding_rows(self, key: str, s: Shape, t: Shape) -> _Decision | None:
+        if len(s) != 2 or len(t) != 2 or s[1] != t[1] or "embed" not in key.lower():
+            return None
+        rows = f"embedding rows {s[0]} -> {t[0]}"
+        evidence = {"embedding_rows": [s[0], t[0]]}
+        if self.policy.embedding != "resize":
+            return _Decision(
+                None,
+                f"{rows}: the model keeps its own (policy embedding='keep')",
+                evidence,
+                warning=f"embedding '{key}': checkpoint has {s[0]} rows, the model {t[0]}; "
+                "keeping the model's (policy embedding='keep')",
+            )
+        if t[0] < s[0]:
+            return _Decision([slice_op(0, 0, t[0])], f"{rows}: truncated", evidence)
+        return _Decision([pad_op(0, t[0], 0.0)], f"{rows}: zero-padded", evidence)
+
+    # ---------------------------------------------------------------- stage 7: dtype
+
+    def stage_dtype(self) -> None:
+        for key, entry in list(self.entries.items()):
+            if entry.action == "keep_target":
+                continue
+            target, src = self.target[key], self.loaded_from.get(key)
+            # Only adapter fills have no source; a fill ignores its input anyway.
+            shape, dtype = (src.shape, src.dtype) if src else (target.shape, target.dtype)
+            if entry.ops:
+                dtype = infer_chain(entry.ops, shape, dtype)[1]
+            if dtype == target.dtype:
+                continue
+            rule = f"cast {dtype} -> {target.dtype}"
+            if "cast" not in self.allowed_ops:
+                self.reasons.append(f"'{key}' needs {rule}, which the policy does not allow")
+                evidence = {"checkpoint_key": src.stored} if src else None
+                self.keep(key, stage="dtype", rule=rule, evidence=evidence)
+                continue
+            entry.ops.append(cast_op(target.dtype))
+            entry.action = "transform" if entry.action == "copy" else entry.action
+            entry.rule = f"{entry.rule}; {rule}" if entry.rule else rule
+            if entry.stage == "exact":
+                entry.stage = "dtype"
+
+    # ---------------------------------------------------------------- stage 8: buffers
+
+    def stage_buffers(self) -> None:
+        if "fill" not in self.allowed_ops:
+            return  # the model's own counter is as good: leave it to stage 9
+        for key in [k for k in self.open if _last(k) == "num_batches_tracked"]:
+            target = self.target[key]
+            self.take(key)
+            self.entries[key] = Entry(
+                key,
+                None,
+                "fill",
+                "buffers",
+                "num_batches_tracked filled with 0",
+                [fill_op(0, target.shape, target.dtype)],
+            )
+
+    # ---------------------------------------------------------------- stage 9: missing
+
+    def stage_missing(self) -> None:
+        for key in list(self.open):
+            self.take(key)
+            self.keep(key, stage="missing", rule="not in the checkpoint: the model keeps its own")
+
+    def report_missing(self) -> None:
+        missing = [
+            e.target
+            for e in self.ordered_entries()
+            if e.stage == "missing" and e.action == "keep_target"
+        ]
+        if missing and self.policy.on_missing == "error":
+            self.reasons.append(
+                f"{len(missing)} model keys are not in the checkpoint "
+                f"(policy on_missing='error'): {_names(missing)}"
+            )
+
+    # ---------------------------------------------------------------- tie groups
+
+    def apply_tie_groups(self) -> None:
+        for group in self.groups:
+            loaded = [k for k in group if self.entries[k].action != "keep_target"]
+            if not loaded:
+                continue
+            canonical = self.entries[loaded[0]]
+            for key in group:
+                if key == canonical.target:
+                    continue
+                entry = self.entries[key]
+                if entry.action != "keep_target" and (
+                    (entry.source, entry.ops) != (canonical.source, canonical.ops)
+                ):
+                    self.warnings.append(
+                        f"tie group: '{key}' matched '{entry.source}' but shares storage with "
+                        f"'{canonical.target}', which reads '{canonical.source}'; using the latter"
+                    )
+                self.entries[key] = Entry(
+                    target=key,
+                    source=canonical.source,
+                    action=canonical.action,
+                    stage=canonical.stage,
+                    rule=f"tied to {canonical.target}",
+                    ops=[dict(op) for op in canonical.ops],
+                    tied_to=canonical.target,
+                )
+
+    # ---------------------------------------------------------------- verdict
+
+    def ordered_entries(self) -> list[Entry]:
+        return [self.entries[t.key] for t in self.target.tensors]
+
+    def build_plan(self) -> Plan:
+        entries = self.ordered_entries()
+        used = {e.source for e in entries if e.source is not None}
+        unused = [t.key for t in self.source.tensors if t.key not in used]
+        dropped_set = set(self.dropped)
+        unused = [k for k in unused if k not in dropped_set]
+        reasons = list(self.reasons)
+        if not used:
+            reasons.append("nothing matches: no model tensor can be loaded from the checkpoint")
+        verdict = self.verdict(entries, unused, reasons)
+        if self.policy.strict and verdict not in ("exact", "incompatible"):
+            reasons.append(f"strict policy: the plan is '{verdict}', not 'exact'")
+            verdict = "incompatible"
+        keys, params = self.coverage(entries)
+        return Plan(
+            verdict=verdict,
+            entries=entries,
+            unused=unused,
+            dropped=list(self.dropped),
+            keys=keys,
+            params=params,
+            warnings=list(self.warnings),
+            reasons=reasons,
+            adapters=[
+                dict(meta) for i, (meta, _) in enumerate(self.adapters) if i in self.used_adapters
+            ],
+            policy=self.policy,
+            source_arch_fp=self.source.arch_fp,
+            target_arch_fp=self.target.arch_fp,
+        )
+
+    def verdict(self, entries: list[Entry], unused: list[str], reasons: list[str]) -> Verdict:
+        if reasons:
+            return "incompatible"
+        as_stored = all(
+            e.action == "copy" and e.stage == "exact" and e.source == e.target and e.tied_to is None
+            for e in entries
+        )
+        if as_stored and not unused and not self.dropped:
+            return "exact"
+        if any(e.action == "keep_target" for e in entries):
+            return "partial"
+        return "adapted"
+
+    def coverage(self, entries: list[Entry]) -> tuple[Coverage, Coverage]:
+        keys, params = Coverage(), Coverage()
+        for e in entries:
+            numel = self.target[e.target].numel
+            if e.action == "keep_target":
+                keys.kept += 1
+                params.kept += numel
+            elif e.action == "copy" and e.stage == "exact":
+                keys.exact += 1
+                params.exact += numel
+            else:
+                keys.adapted += 1
+                params.adapted += numel
+        return keys, params
+
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def _wrapper_chain(keys: Iterable[str]) -> list[str]:
+    """Wrapper components (``module``, ``_orig_mod``) that lead every key, in order."""
+    keys = list(keys)
+    chain: list[str] = []
+    prefix = ""
+    while keys:
+        for wrapper in WRAPPERS:
+            candidate = f"{prefix}{wrapper}."
+            if all(k.startswith(candidate) and len(k) > len(candidate) for k in keys):
+                chain.append(wrapper)
+                prefix = candidate
+                break
+        else:
+            break
+    return chain
+
+
+def _vote_prefixes(
+    sources: list[tuple[str, Shape]], targets: list[tuple[str, Shape]]
+) -> Counter[tuple[str, str]]:
+    """Candidate substitutions p_s -> p_t. Target keys are indexed by every dot-boundary
+    suffix joined with their shape; each source key looks its suffixes up, longest first, and
+    votes at the first one found, if few target keys share it (a suffix such as "weight" [64]
+    says nothing). Linear in the number of keys times their depth."""
+    index: dict[tuple[str, Shape], list[str]] = {}
+    for key, shape in targets:
+        for cut in _dot_cuts(key):
+            bucket = index.setdefault((key[cut:], shape), [])
+            if len(bucket) <= MAX_BUCKET:
+                bucket.append(key[:cut])
+    votes: Counter[tuple[str, str]] = Counter()
+    for name, shape in sources:
+        for cut in _dot_cuts(name):
+            bucket = index.get((name[cut:], shape))
+            if bucket is None:
+                continue
+            if len(bucket) <= MAX_BUCKET:
+                p_s = name[:cut]
+                for p_t in bucket:
+                    if p_t != p_s:
+                        votes[(p_s, p_t)] += 1
+            break  # shorter suffixes only add the same targets, and more ambiguity
+    return votes
+
+
+def _candidate_order(candidate: tuple[str, str]) -> tuple[int, str]:
+    """Ties between substitutions: the shortest (most general) first, then alphabetical."""
+    p_s, p_t = candidate
+    return (len(p_s) + len(p_t), f"{p_s}\0{p_t}")
+
+
+def _normalized_rule(name: str, key: str) -> str:
+    s_head, _, s_last = name.rpartition(".")
+    t_head, _, t_last = key.rpartition(".")
+    legacy = LEGACY_NAMES.get(s_last.lower()) == t_last.lower() and s_last.lower() != t_last.lower()
+    parts = []
+    if s_head != t_head or (not legacy and s_last != t_last):
+        parts.append("lower-case match")
+    if legacy:
+        parts.append(f"{s_last} -> {t_last}")
+    return "; ".join(parts) or "lower-case match"
+
+
+def _signature_pairs(
+    sources: list[tuple[str, _Source]], targets: list[tuple[str, TensorSpec]]
+) -> list[tuple[str, str]]:
+    """Pairs (source name, target key) of the signatures (last component, shape) that occur
+    equally often on both sides, paired in order; sorted by source order."""
+    by_sig_s: dict[tuple[str, Shape], list[str]] = defaultdict(list)
+    for name, src in sources:
+        by_sig_s[(_last(name), src.shape)].append(name)
+    by_sig_t: dict[tuple[str, Shape], list[str]] = defaultdict(list)
+    for key, t in targets:
+        by_sig_t[(_last(key), t.shape)].append(key)
+    pairs: list[tuple[str, str]] = []
+    for sig, names in by_sig_s.items():
+        keys = by_sig_t.get(sig)
+        if keys is not None and len(keys) == len(names):
+            pairs.extend(zip(names, keys, strict=True))
+    order = {name: i for i, (name, _) in enumerate(sources)}
+    return sorted(pairs, key=lambda p: order[p[0]])
+
+
+def _structural_refusal(
+    pairs: list[tuple[str, str]], source_names: list[str], target_keys: list[str]
+) -> str | None:
+    """Why an order-and-shape pairing is ambiguous, or None when it can be trusted: it must
+    keep both orders, map modules one-to-one, and pair every tensor of each mapped module."""
+    target_order = {key: i for i, key in enumerate(target_keys)}
+    for (n1, k1), (n2, k2) in itertools.pairwise(pairs):
+        if target_order[k2] < target_order[k1]:
+            return f"the order differs ('{n1}' -> '{k1}' but '{n2}' -> '{k2}')"
+    forward: dict[str, str] = {}
+    backward: dict[str, str] = {}
+    for name, key in pairs:
+        ms, mt = _module(name), _module(key)
+        if forward.setdefault(ms, mt) != mt:
+            return f"module '{ms}' would map to both '{forward[ms]}' and '{mt}'"
+        if backward.setdefault(mt, ms) != ms:
+            return f"modules '{backward[mt]}' and '{ms}' would both map to '{mt}'"
+    paired = Counter(_module(name) for name, _ in pairs)
+    source_sizes = Counter(_module(n) for n in source_names)
+    target_sizes = Counter(_module(k) for k in target_keys)
+    for ms, mt in forward.items():
+        if source_sizes[ms] != paired[ms] or target_sizes[mt] != paired[ms]:
+            return (
+                f"module '{ms}' -> '{mt}' is only partly aligned ({paired[ms]} of "
+                f"{source_sizes[ms]} checkpoint and {target_sizes[mt]} model tensors)"
+            )
+    return None

@@ -1,0 +1,120 @@
+"""The one error hierarchy of the server.
+
+Every error a user can cause or meet carries a stable ``code`` and maps to one HTTP status,
+centrally, in ``service.app``. Nothing else in the server turns exceptions into responses.
+
+    StatehubError                      500  internal (never raised for a user's mistake)
+    ├── InvalidRequest (ValueError)    422  invalid_request
+    │   ├── InvalidName                422  invalid_name
+    │   ├── InvalidRef                 422  invalid_ref
+    │   ├── InvalidSpec                422  invalid_spec
+    │   ├── InvalidAdapter             422  invalid_adapter
+    │   └── InvalidCheckpoint          422  invalid_checkpoint
+    │       └── UnsafePickle           422  unsafe_pickle
+    ├── NotFound (LookupError)         404  not_found
+    ├── Conflict                       409  conflict
+    ├── Incompatible                   409  incompatible
+    ├── Unauthorized                   401  unauthorized
+    ├── Forbidden                      403  forbidden
+    ├── TooLarge                       413  too_large
+    ├── RangeNotSatisfiable            416  range_not_satisfiable
+    └── StorageError                   500  storage_error (the store holds something wrong)
+        └── StorageUnavailable         503  storage_unavailable (try again later)
+
+Third-party exceptions (boto3, SQLAlchemy) are translated where they are caught, in
+``service.storage``, chained with ``from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StatehubError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or {}
+
+
+class InvalidRequest(StatehubError, ValueError):
+    code = "invalid_request"
+    status = 422
+
+
+class InvalidName(InvalidRequest):
+    code = "invalid_name"
+
+
+class InvalidRef(InvalidRequest):
+    code = "invalid_ref"
+
+
+class InvalidSpec(InvalidRequest):
+    code = "invalid_spec"
+
+
+class InvalidAdapter(InvalidRequest):
+    code = "invalid_adapter"
+
+
+class InvalidCheckpoint(InvalidRequest):
+    code = "invalid_checkpoint"
+
+
+class UnsafePickle(InvalidCheckpoint):
+    code = "unsafe_pickle"
+
+
+class NotFound(StatehubError, LookupError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(StatehubError):
+    code = "conflict"
+    status = 409
+
+
+class Incompatible(StatehubError):
+    """The plan's verdict is not allowed by the policy; ``detail['plan']`` says why."""
+
+    code = "incompatible"
+    status = 409
+
+
+class Unauthorized(StatehubError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(StatehubError):
+    code = "forbidden"
+    status = 403
+
+
+class TooLarge(StatehubError):
+    code = "too_large"
+    status = 413
+
+
+class RangeNotSatisfiable(StatehubError):
+    code = "range_not_satisfiable"
+    status = 416
+
+
+class StorageError(StatehubError):
+    """The store returned something wrong (missing or corrupted blob)."""
+
+    code = "storage_error"
+    status = 500
+
+
+class StorageUnavailable(StorageError):
+    """A dependency (database, blob store, spool disk) cannot be reached right now."""
+
+    code = "storage_unavailable"
+    status = 503

@@ -1,0 +1,334 @@
+"""Fitting use cases: plan, fetch (a streamed, adapted safetensors file) and search.
+
+A fetch is laid out before a byte of weights is read: the header comes from the plan, so
+the length is exact, and the body is a list of segments — literal header bytes, ranges of
+the stored blob passed through untouched (coalesced where they are adjacent), and tensors
+that must be decoded and transformed. Memory stays O(largest transformed tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.core import ops
+from service.core.adapters import AdapterSpec
+from service.core.names import ModelName, VersionRef
+from service.core.plan import Entry, Plan, Policy
+from service.core.planner import plan as make_plan
+from service.core.safetensors_format import build_header
+from service.core.spec import ArchSpec, TensorSpec
+from service.errors import (
+    Incompatible,
+    InvalidRequest,
+    RangeNotSatisfiable,
+    StorageError,
+    TooLarge,
+)
+from service.ingest import tensor_bytes
+from service.registry import adapter_spec
+from service.settings import Settings
+from service.storage import repositories as repo
+from service.storage.blobs import BlobStore
+from service.storage.models import Version
+
+VERDICT_RANK = {"exact": 0, "adapted": 1, "partial": 2, "incompatible": 3}
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def source_spec(version: Version) -> ArchSpec:
+    return ArchSpec.from_json(version.spec)
+
+
+def applicable_adapters(
+    session: Session, *, model: str, source: ArchSpec, target: ArchSpec, policy: Policy
+) -> list[tuple[dict[str, Any], AdapterSpec]]:
+    """Adapters whose scope matches, plus unscoped ones the policy names explicitly."""
+    chosen = []
+    latest = repo.latest_adapters(session)
+    unknown = set(policy.adapters) - {a.name for a in latest}
+    if unknown:
+        raise InvalidRequest(f"unknown adapter(s) in policy: {sorted(unknown)}")
+    source_fp, target_fp = source.arch_fp, target.arch_fp
+    for adapter in latest:
+        scope = (adapter.scope_model, adapter.scope_source_arch_fp, adapter.scope_target_arch_fp)
+        scoped = any(s is not None for s in scope)
+        matches = (
+            adapter.scope_model in (None, model)
+            and adapter.scope_source_arch_fp in (None, source_fp)
+            and adapter.scope_target_arch_fp in (None, target_fp)
+        )
+        if (scoped and matches) or adapter.name in policy.adapters:
+            chosen.append(({"name": adapter.name, "version": adapter.version}, adapter_spec(adapter)))
+    return chosen
+
+
+def plan_for(session: Session, version: Version, target: ArchSpec, policy: Policy) -> Plan:
+    source = source_spec(version)
+    model = f"{version.model.namespace}/{version.model.name}"
+    adapters = applicable_adapters(session, model=model, source=source, target=target, policy=policy)
+    plan = make_plan(source, target, policy=policy, adapters=adapters)
+    metrics.PLAN_VERDICTS.inc(plan.verdict)
+    return plan
+
+
+def plan_version(
+    *, session: Session, name: ModelName, ref: VersionRef, target: ArchSpec, policy: Policy
+) -> tuple[Version, Plan]:
+    version = repo.resolve_version(session, repo.get_model(session, name), ref)
+    return version, plan_for(session, version, target, policy)
+
+
+# -- fetch ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Literal_:
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    start: int  # absolute offsets in the stored blob
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Transformed:
+    entry: Entry
+    source: TensorSpec | None
+    source_start: int  # absolute offset of the source tensor in the blob
+    target: TensorSpec
+
+    @property
+    def length(self) -> int:
+        return self.target.nbytes
+
+
+Segment = Literal_ | StoredRange | Transformed
+
+
+@dataclass(frozen=True)
+class FetchLayout:
+    segments: tuple[Segment, ...]
+    mode: str  # passthrough | rewrite | transform
+    etag: str
+    plan: Plan
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Settings) -> FetchLayout:
+    etag = hashlib.sha256((version.digest + plan.canonical_json()).encode()).hexdigest()
+    if plan.verdict == "exact":
+        return FetchLayout((StoredRange(0, version.size),), "passthrough", etag, plan)
+    offsets = {t["key"]: t["offsets"] for t in version.spec["tensors"]}
+    source = source_spec(version)
+    loaded = plan.loaded
+    header = build_header([target[e.target] for e in loaded], _fetch_metadata(version, plan))
+    segments: list[Segment] = [Literal_(header)]
+    for entry in loaded:
+        target_tensor = target[entry.target]
+        if entry.action == "copy":
+            assert entry.source is not None
+            begin, end = offsets[entry.source]
+            _append_range(segments, version.data_start + begin, version.data_start + end)
+            continue
+        if target_tensor.nbytes > settings.max_transform_tensor_bytes:
+            raise TooLarge(
+                f"tensor {entry.target!r} needs {target_tensor.nbytes} bytes to transform; "
+                f"the limit is {settings.max_transform_tensor_bytes}"
+            )
+        start = version.data_start + offsets[entry.source][0] if entry.source else 0
+        spec = source[entry.source] if entry.source else None
+        segments.append(Transformed(entry, spec, start, target_tensor))
+    mode = "transform" if any(isinstance(s, Transformed) for s in segments) else "rewrite"
+    return FetchLayout(tuple(segments), mode, etag, plan)
+
+
+def _append_range(segments: list[Segment], start: int, end: int) -> None:
+    """Adjacent stored ranges become one read (one ranged GET on S3)."""
+    last = segments[-1]
+    if isinstance(last, StoredRange) and last.end == start:
+        segments[-1] = StoredRange(last.start, end)
+    else:
+        segments.append(StoredRange(start, end))
+
+
+def _fetch_metadata(version: Version, plan: Plan) -> dict[str, str]:
+    model = version.model
+    return {
+        "format": "pt",
+        "statehub.source": f"{model.namespace}/{model.name}:{version.number}",
+        "statehub.digest": version.digest,
+        "statehub.plan": plan.canonical_json(),
+        "statehub.keep_target": json.dumps(plan.keep_target),
+        "statehub.tied": json.dumps(plan.tied, sort_keys=True),
+    }
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """A single ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end), or None."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None  # unsupported forms are ignored: the full body is served (RFC 9110)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if not first:
+            start, end = max(total - int(last), 0), total
+        else:
+            start = int(first)
+            end = min(int(last) + 1, total) if last else total
+    except ValueError:
+        return None
+    if start >= total or end <= start:
+        raise RangeNotSatisfiable(
+            f"range {header!r} is outside the {total} bytes of this response",
+            detail={"length": total},
+        )
+    return start, end
+
+
+def iter_layout(
+    layout: FetchLayout, blobs: BlobStore, digest: str, *, start: int, end: int, chunk: int
+) -> Iterator[bytes]:
+    """The bytes [start, end) of the fetch body, produced segment by segment."""
+    position = 0
+    for segment in layout.segments:
+        seg_start, seg_end = position, position + segment.length
+        position = seg_end
+        if seg_end <= start or segment.length == 0:
+            continue
+        if seg_start >= end:
+            break
+        lo, hi = max(start, seg_start) - seg_start, min(end, seg_end) - seg_start
+        if isinstance(segment, Literal_):
+            yield segment.data[lo:hi]
+        elif isinstance(segment, StoredRange):
+            yield from blobs.iter_range(digest, segment.start + lo, segment.start + hi, chunk)
+        else:
+            data = transform(segment, blobs, digest)
+            yield bytes(data[lo:hi]) if (lo, hi) != (0, len(data)) else data
+        metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
+
+
+def transform(segment: Transformed, blobs: BlobStore, digest: str) -> bytes:
+    """Decode one source tensor, apply its ops, return the target's raw bytes."""
+    metrics.TENSORS_DECODED.inc()
+    tensor = None
+    if segment.source is not None:
+        source = segment.source
+        raw = blobs.read_range(digest, segment.source_start, segment.source_start + source.nbytes)
+        if len(raw) != source.nbytes:
+            raise StorageError(f"short read of tensor {source.key!r} from blob {digest}")
+        tensor = decode(raw, source)
+    result = ops.apply_chain(segment.entry.ops, tensor)
+    target = segment.target
+    if tuple(result.shape) != target.shape or ops.dtype_code(result.dtype) != target.dtype:
+        raise StorageError(  # the planner's inference and the ops disagree: never serve it
+            f"transform of {target.key!r} produced {list(result.shape)} "
+            f"{ops.dtype_code(result.dtype)}, expected {list(target.shape)} {target.dtype}"
+        )
+    return bytes(tensor_bytes(result))
+
+
+def decode(raw: bytes, spec: TensorSpec) -> torch.Tensor:
+    dtype = ops.TORCH_DTYPES[spec.dtype]
+    if spec.numel == 0:
+        return torch.empty(spec.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(spec.shape)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    version: Version
+    layout: FetchLayout
+    start: int
+    end: int
+    partial: bool
+
+
+def prepare_fetch(
+    *,
+    session: Session,
+    blobs: BlobStore,
+    settings: Settings,
+    name: ModelName,
+    ref: VersionRef,
+    target: ArchSpec,
+    policy: Policy,
+    range_header: str | None,
+    if_range: str | None,
+) -> FetchResult:
+    """Plan, refuse what the policy forbids, lay out the body and resolve the range."""
+    version, plan = plan_version(session=session, name=name, ref=ref, target=target, policy=policy)
+    if plan.verdict == "incompatible":
+        raise Incompatible(
+            "the checkpoint cannot be fitted to the target under this policy: "
+            + "; ".join(plan.reasons[:5]),
+            detail={"plan": plan.to_json()},
+        )
+    if blobs.size(version.digest) != version.size:
+        raise StorageError(f"stored blob {version.digest} has the wrong size")
+    layout = layout_fetch(version, plan, target, settings)
+    total = layout.length
+    wanted = None if if_range and if_range.strip('"') != layout.etag else range_header
+    byte_range = parse_range(wanted, total)
+    start, end = byte_range or (0, total)
+    return FetchResult(version, layout, start, end, partial=byte_range is not None)
+
+
+# -- search -----------------------------------------------------------------------------
+
+
+def search_compatible(
+    *, session: Session, target: ArchSpec, policy: Policy, limit: int, pool: int = 200
+) -> list[tuple[Version, Plan]]:
+    """Stored versions ranked by how well they fit ``target``.
+
+    Versions with the target's ``arch_fp`` or ``shape_fp`` are planned first (they are the
+    likely matches); the rest of the pool are the most recent versions.
+    """
+    candidates: Sequence[Version] = repo.candidate_versions(
+        session, arch_fp=target.arch_fp, shape_fp=target.shape_fp, limit=pool
+    )
+    ranked = []
+    for version in candidates:
+        plan = plan_for(session, version, target, policy)
+        if plan.verdict != "incompatible":
+            ranked.append((version, plan))
+    ranked.sort(
+        key=lambda vp: (
+            VERDICT_RANK[vp[1].verdict],
+            -_loaded_fraction(vp[1]),
+            -vp[0].created_at.timestamp(),
+            vp[0].id,
+        )
+    )
+    return ranked[:limit]
+
+
+def _loaded_fraction(plan: Plan) -> float:
+    total = plan.params.total
+    return (plan.params.exact + plan.params.adapted) / total if total else 0.0

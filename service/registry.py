@@ -1,0 +1,270 @@
+"""Registry use cases: models, versions (upload), aliases, adapters.
+
+Every function takes its collaborators explicitly (keyword-only). Transactions belong to
+``Database.session``; a version row is committed only after its blob is durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.core.adapters import AdapterSpec, parse_adapter
+from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
+from service.core.safetensors_format import Limits
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.ingest import Ingested, ingest
+from service.settings import Settings
+from service.storage import repositories as repo
+from service.storage.blobs import BlobStore
+from service.storage.db import Database
+from service.storage.models import Adapter, Model, Version
+from service.storage.spool import Spooled
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_header_bytes=settings.max_header_bytes,
+        max_tensors=settings.max_tensors,
+        max_rank=settings.max_rank,
+        max_dim=settings.max_dim,
+        max_key_length=settings.max_key_length,
+    )
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def create_model(
+    *, session: Session, name: ModelName, description: str, tags: list[str], actor: str
+) -> Model:
+    if repo.find_model(session, name) is not None:
+        raise Conflict(f"model {name} already exists", detail={"model": str(name)})
+    for tag in tags:
+        validate_segment(tag, what="tag")
+    model = repo.get_or_create_model(session, name, actor=actor)
+    model.description = description
+    model.tags = sorted(set(tags))
+    repo.record_event(
+        session, actor=actor, action="model.create", object_type="model", object_ref=str(name)
+    )
+    session.flush()
+    return model
+
+
+def delete_model(*, session: Session, name: ModelName, actor: str) -> None:
+    """Removes the model, its versions and aliases. Blobs stay until ``gc`` finds them unused."""
+    model = repo.get_model(session, name)
+    session.delete(model)
+    repo.record_event(
+        session, actor=actor, action="model.delete", object_type="model", object_ref=str(name)
+    )
+
+
+# -- versions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version: Version
+    created: bool
+    aliases: list[str]
+
+
+def push_version(
+    *,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+    name: ModelName,
+    spooled: Spooled,
+    metadata: dict[str, Any],
+    alias: str | None,
+    ema: bool,
+    actor: str,
+) -> PushResult:
+    """Ingest a spooled upload, store its blob durably, then commit the version row.
+
+    Identical bytes already stored as a version of this model are not stored again: that
+    version is returned (``created=False``), which also makes a retried push harmless.
+    """
+    if alias is not None:
+        validate_alias(alias)
+    ingested = _ingest(spooled, settings=settings, ema=ema)
+    try:
+        blobs.put_file(ingested.digest, ingested.path)
+    finally:
+        ingested.path.unlink(missing_ok=True)
+    with db.session() as session:
+        model = repo.get_or_create_model(session, name, actor=actor)
+        existing = repo.find_version_by_digest(session, model, ingested.digest)
+        if existing is not None:
+            if alias is not None:
+                repo.set_alias(session, model, alias, existing)
+            aliases = repo.aliases_by_version(session, model).get(existing.id, [])
+            return PushResult(existing, created=False, aliases=aliases)
+        version = _add_version(session, model, ingested, metadata=metadata, actor=actor)
+        repo.set_alias(session, model, LATEST, version)
+        if alias is not None:
+            repo.set_alias(session, model, alias, version)
+        aliases = repo.aliases_by_version(session, model).get(version.id, [])
+        repo.record_event(
+            session,
+            actor=actor,
+            action="version.create",
+            object_type="version",
+            object_ref=f"{name}:{version.number}",
+            detail={"digest": version.digest, "size": version.size},
+        )
+        session.flush()
+        return PushResult(version, created=True, aliases=aliases)
+
+
+def _ingest(spooled: Spooled, *, settings: Settings, ema: bool) -> Ingested:
+    try:
+        return ingest(
+            spooled,
+            limits=limits_from(settings),
+            work_dir=settings.effective_spool_dir,
+            ema=ema,
+        )
+    except BaseException:
+        spooled.path.unlink(missing_ok=True)
+        raise
+
+
+def _add_version(
+    session: Session, model: Model, ingested: Ingested, *, metadata: dict[str, Any], actor: str
+) -> Version:
+    header = ingested.header
+    spec = header.spec(ingested.tie_groups)
+    stored_spec = {
+        "tensors": [
+            {"key": t.key, "shape": list(t.shape), "dtype": t.dtype, "offsets": [t.begin, t.end]}
+            for t in header.tensors
+        ],
+        "tie_groups": ingested.tie_groups,
+    }
+    ingest_report = dict(ingested.report)
+    if ingested.snapshot:
+        ingest_report["snapshot"] = ingested.snapshot
+    version = Version(
+        model=model,
+        number=repo.next_version_number(session, model),
+        digest=ingested.digest,
+        size=ingested.size,
+        data_start=header.data_start,
+        spec=stored_spec,
+        arch_fp=spec.arch_fp,
+        shape_fp=spec.shape_fp,
+        tensor_count=len(spec),
+        param_count=spec.param_count,
+        source_format=ingested.source_format,
+        ingest=ingest_report,
+        user_metadata=metadata,
+        created_by=actor,
+    )
+    session.add(version)
+    session.flush()
+    return version
+
+
+def get_version(*, session: Session, name: ModelName, ref: VersionRef) -> Version:
+    return repo.resolve_version(session, repo.get_model(session, name), ref)
+
+
+def set_alias(
+    *, session: Session, name: ModelName, alias: str, number: int, actor: str
+) -> tuple[str, Version]:
+    validate_alias(alias)
+    if alias == LATEST:
+        raise InvalidRequest("'latest' moves by itself to the newest version; use another alias")
+    model = repo.get_model(session, name)
+    version = repo.resolve_version(session, model, VersionRef(number=number))
+    repo.set_alias(session, model, alias, version)
+    repo.record_event(
+        session,
+        actor=actor,
+        action="alias.set",
+        object_type="alias",
+        object_ref=f"{name}@{alias}",
+        detail={"version": number},
+    )
+    return alias, version
+
+
+def delete_alias(*, session: Session, name: ModelName, alias: str, actor: str) -> None:
+    validate_alias(alias)
+    if alias == LATEST:
+        raise InvalidRequest("'latest' cannot be removed while the model has versions")
+    model = repo.get_model(session, name)
+    row = next((a for a in model.aliases if a.name == alias), None)
+    if row is None:
+        raise NotFound(f"{name} has no alias {alias!r}")
+    session.delete(row)
+    repo.record_event(
+        session, actor=actor, action="alias.delete", object_type="alias", object_ref=f"{name}@{alias}"
+    )
+
+
+# -- adapters ---------------------------------------------------------------------------
+
+
+def register_adapter(*, session: Session, data: dict[str, Any], actor: str) -> Adapter:
+    """Validate an adapter (never code: JSON rules) and store it as the name's next version."""
+    spec = parse_adapter(data)
+    validate_segment(spec.name, what="adapter name")
+    if spec.scope.model is not None:
+        ModelName.parse(spec.scope.model)
+    previous = repo.adapter_versions(session, spec.name)
+    adapter = Adapter(
+        name=spec.name,
+        version=(previous[-1].version + 1) if previous else 1,
+        description=spec.description,
+        scope_model=str(ModelName.parse(spec.scope.model)) if spec.scope.model else None,
+        scope_source_arch_fp=spec.scope.source_arch_fp,
+        scope_target_arch_fp=spec.scope.target_arch_fp,
+        rules=[rule.model_dump(mode="json") for rule in spec.rules],
+        created_by=actor,
+    )
+    session.add(adapter)
+    repo.record_event(
+        session,
+        actor=actor,
+        action="adapter.register",
+        object_type="adapter",
+        object_ref=f"{spec.name}:{adapter.version}",
+    )
+    session.flush()
+    return adapter
+
+
+def adapter_spec(adapter: Adapter) -> AdapterSpec:
+    return parse_adapter(
+        {
+            "name": adapter.name,
+            "description": adapter.description,
+            "scope": {
+                "model": adapter.scope_model,
+                "source_arch_fp": adapter.scope_source_arch_fp,
+                "target_arch_fp": adapter.scope_target_arch_fp,
+            },
+            "rules": adapter.rules,
+        }
+    )
+
+
+def get_adapter(*, session: Session, name: str) -> list[Adapter]:
+    versions = repo.adapter_versions(session, name)
+    if not versions:
+        raise NotFound(f"adapter {name!r} does not exist", detail={"adapter": name})
+    return versions
+
+
+def delete_adapter(*, session: Session, name: str, actor: str) -> None:
+    for adapter in get_adapter(session=session, name=name):
+        session.delete(adapter)
+    repo.record_event(
+        session, actor=actor, action="adapter.delete", object_type="adapter", object_ref=name
+    )

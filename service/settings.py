@@ -1,0 +1,72 @@
+"""All server configuration, in one pydantic-settings class (env prefix ``STATEHUB_``)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STATEHUB_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("statehub-data")
+
+    # Metadata database. Empty: an SQLite file under data_dir (the embedded default).
+    database_url: str = ""
+    # Apply pending alembic migrations at start; turn off where a migration job runs them.
+    migrate_on_start: bool = True
+
+    # Blob store. An S3 bucket when s3_bucket is set, otherwise a directory under data_dir.
+    s3_endpoint: str = ""
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_multipart_threshold: int = Field(default=64 * MiB, ge=5 * MiB)
+    s3_multipart_chunk: int = Field(default=64 * MiB, ge=5 * MiB)
+
+    # Where upload bodies are spooled while they are hashed and validated.
+    spool_dir: Path | None = None
+
+    # Bounds on what a request may ask of the server.
+    max_upload_bytes: int = Field(default=64 * GiB, gt=0)
+    max_header_bytes: int = Field(default=64 * MiB, gt=0)
+    max_tensors: int = Field(default=200_000, gt=0)
+    max_rank: int = Field(default=8, gt=0)
+    max_dim: int = Field(default=2**40, gt=0)
+    max_spec_bytes: int = Field(default=32 * MiB, gt=0)
+    max_key_length: int = Field(default=1024, gt=0)
+    # Largest tensor the server decodes to transform it during a fetch.
+    max_transform_tensor_bytes: int = Field(default=8 * GiB, gt=0)
+
+    # Size of the chunks streamed from the blob store to a response.
+    stream_chunk_bytes: int = Field(default=8 * MiB, gt=0)
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> Settings:
+        if self.s3_endpoint and not self.s3_bucket:
+            raise ValueError("STATEHUB_S3_ENDPOINT is set but STATEHUB_S3_BUCKET is not")
+        return self
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'statehub.db').resolve()}"
+
+    @cached_property
+    def effective_spool_dir(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_bucket)

@@ -1,0 +1,79 @@
+"""Spooling request bodies to disk while hashing them: never the whole body in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from service.errors import StorageUnavailable, TooLarge
+
+# Refuse to spool when less than this would be left on the spool disk.
+MIN_FREE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Spooled:
+    path: Path
+    size: int
+    digest: str
+
+
+class SpoolFile:
+    """A unique ``.incomplete`` file in the spool directory, removed unless handed over."""
+
+    def __init__(self, spool_dir: Path, *, max_bytes: int, expected_bytes: int | None = None):
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        if expected_bytes is not None and expected_bytes > max_bytes:
+            raise TooLarge(
+                f"upload of {expected_bytes} bytes exceeds the limit of {max_bytes} bytes",
+                detail={"bytes": expected_bytes, "limit": max_bytes},
+            )
+        free = shutil.disk_usage(spool_dir).free
+        if free - (expected_bytes or 0) < MIN_FREE_BYTES:
+            raise StorageUnavailable(
+                "the server's spool disk is full; try again later",
+                detail={"free_bytes": free},
+            )
+        self.path = spool_dir / f"{uuid.uuid4().hex}.incomplete"
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._max_bytes = max_bytes
+
+    def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            raise TooLarge(
+                f"upload exceeds the limit of {self._max_bytes} bytes",
+                detail={"limit": self._max_bytes},
+            )
+        self._hash.update(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot spool the upload: {exc.strerror}") from exc
+
+    def finish(self) -> Spooled:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return Spooled(self.path, self._size, self._hash.hexdigest())
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def hash_file(path: Path, chunk: int = 8 * 1024 * 1024) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size

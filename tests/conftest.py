@@ -1,0 +1,79 @@
+"""Shared fixtures: a real statehub server per backend, clients, unique names."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from service.storage.blobs import S3BlobStore
+from statehub import Client
+from tests._server import ServerProcess, create_pg_schema, drop_pg_schema, start_server
+from tests._services import S3_TEST_KEYS, MotoServer, s3_settings, start_moto_server
+
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = start_moto_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def backend_env(
+    backend: str, data_dir: str, moto: MotoServer | None
+) -> tuple[dict[str, str], str | None]:
+    # A small header bound keeps the "header too large" test's upload small.
+    env = {"STATEHUB_DATA_DIR": data_dir, "STATEHUB_MAX_HEADER_BYTES": str(4 * 1024 * 1024)}
+    if backend == "sqlite":
+        return env, None
+    assert moto is not None
+    schema, url = create_pg_schema()
+    bucket = f"statehub-{uuid.uuid4().hex[:12]}"
+    S3BlobStore(s3_settings(moto.endpoint, bucket)).ensure_bucket()
+    env |= {
+        "STATEHUB_DATABASE_URL": url,
+        "STATEHUB_S3_ENDPOINT": moto.endpoint,
+        "STATEHUB_S3_BUCKET": bucket,
+        "STATEHUB_S3_REGION": "us-east-1",
+        "STATEHUB_S3_ACCESS_KEY_ID": S3_TEST_KEYS["s3_access_key_id"],
+        "STATEHUB_S3_SECRET_ACCESS_KEY": S3_TEST_KEYS["s3_secret_access_key"],
+        "STATEHUB_S3_MULTIPART_THRESHOLD": str(8 * 1024 * 1024),
+        "STATEHUB_S3_MULTIPART_CHUNK": str(8 * 1024 * 1024),
+    }
+    return env, schema
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A running server on one backend; the tests using it run once per backend."""
+    backend = request.param
+    moto = request.getfixturevalue("moto_server") if backend == "postgres" else None
+    data_dir = tmp_path_factory.mktemp(f"data-{backend}")
+    env, schema = backend_env(backend, str(data_dir), moto)
+    process = start_server(env)
+    process.backend = backend  # type: ignore[attr-defined]
+    try:
+        yield process
+    finally:
+        process.stop()
+        if schema:
+            drop_pg_schema(schema)
+
+
+@pytest.fixture
+def hub(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.url, retries=1) as client:
+        yield client
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace of the test's own, so tests sharing a server never see each other."""
+    return f"t{uuid.uuid4().hex[:10]}"
