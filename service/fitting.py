@@ -68,14 +68,18 @@ def applicable_adapters(
             and adapter.scope_target_arch_fp in (None, target_fp)
         )
         if (scoped and matches) or adapter.name in policy.adapters:
-            chosen.append(({"name": adapter.name, "version": adapter.version}, adapter_spec(adapter)))
+            chosen.append(
+                ({"name": adapter.name, "version": adapter.version}, adapter_spec(adapter))
+            )
     return chosen
 
 
 def plan_for(session: Session, version: Version, target: ArchSpec, policy: Policy) -> Plan:
     source = source_spec(version)
     model = f"{version.model.namespace}/{version.model.name}"
-    adapters = applicable_adapters(session, model=model, source=source, target=target, policy=policy)
+    adapters = applicable_adapters(
+        session, model=model, source=source, target=target, policy=policy
+    )
     plan = make_plan(source, target, policy=policy, adapters=adapters)
     metrics.PLAN_VERDICTS.inc(plan.verdict)
     return plan

@@ -23,6 +23,7 @@ from service.storage.db import Database
 from service.storage.models import Adapter, Model, Version
 from service.storage.spool import Spooled
 
+
 def limits_from(settings: Settings) -> Limits:
     return Limits(
         max_header_bytes=settings.max_header_bytes,
@@ -204,7 +205,11 @@ def delete_alias(*, session: Session, name: ModelName, alias: str, actor: str) -
         raise NotFound(f"{name} has no alias {alias!r}")
     session.delete(row)
     repo.record_event(
-        session, actor=actor, action="alias.delete", object_type="alias", object_ref=f"{name}@{alias}"
+        session,
+        actor=actor,
+        action="alias.delete",
+        object_type="alias",
+        object_ref=f"{name}@{alias}",
     )
 
 

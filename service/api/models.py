@@ -76,7 +76,9 @@ def delete_model(name: ModelNameDep, session: SessionDep, actor: ActorDep) -> Re
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         }
     },
 )

@@ -22,6 +22,7 @@ Then tie groups are made consistent, and the verdict and coverage computed.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -207,6 +208,14 @@ class _Decision:
     warning: str | None = None
 
 
+def _with_history(src: _Source, rule: str) -> str:
+    """A rule prefixed with how the checkpoint key got its current name."""
+    notes = list(src.renames)
+    if src.original != src.stored:
+        notes.append(f"'{src.original}' is stored as '{src.stored}' (tied in the checkpoint)")
+    return "; ".join([*notes, rule] if rule else notes)
+
+
 def _last(key: str) -> str:
     return key.rpartition(".")[2]
 
@@ -275,6 +284,9 @@ class _Planner:
         self.reasons: list[str] = []
         self.dropped: list[str] = []
         self.used_adapters: set[int] = set()
+        # Stage 6 landmarks, found when first needed.
+        self.first_conv: str | None = None
+        self.head_keys: frozenset[str] = frozenset()
 
     def run(self) -> Plan:
         self.stage_adapters()
@@ -303,16 +315,13 @@ class _Planner:
         ops: Sequence[Op] = (),
         evidence: dict[str, Any] | None = None,
     ) -> None:
-        notes = list(src.renames)
-        if src.original != src.stored:
-            notes.append(f"'{src.original}' is stored as '{src.stored}' (tied in the checkpoint)")
         merged = {**(src.evidence or {}), **(evidence or {})} or None
         self.entries[key] = Entry(
             target=key,
             source=src.stored,
             action="transform" if ops else "copy",
             stage=stage,
-            rule="; ".join([*notes, rule] if rule else notes),
+            rule=_with_history(src, rule),
             ops=list(ops),
             evidence=merged,
         )
@@ -342,7 +351,9 @@ class _Planner:
         for key in list(self.open):
             matches = match_op_rules(self.adapters, key)
             if matches:
-                if self.attach_adapter_ops(key, [(m.op, m.label) for m in matches]):
+                # Copies: a plan must never share (and so let callers mutate) an adapter's ops.
+                ops_and_labels = [(copy.deepcopy(m.op), m.label) for m in matches]
+                if self.attach_adapter_ops(key, ops_and_labels):
                     used_rules.update((m.adapter, m.rule) for m in matches)
                     self.used_adapters.update(m.adapter for m in matches)
                 continue
@@ -395,15 +406,18 @@ class _Planner:
             problem = str(exc)
         self.take(key, None if src is None else key)
         evidence = None if src is None else {"checkpoint_key": src.stored}
+        rule = labels if src is None else _with_history(src, labels)
         if problem is not None:
             self.reasons.append(
                 f"'{key}': adapter ops give {problem} from {_shape_text(shape)}, "
                 f"the model expects {_shape_text(target.shape)} ({labels})"
             )
-            self.keep(key, stage="adapter", rule=labels, evidence=evidence)
+            self.keep(key, stage="adapter", rule=rule, evidence=evidence)
         elif forbidden := self.forbidden(ops):
-            self.reasons.append(f"'{key}': the policy does not allow {forbidden} ({labels})")
-            self.keep(key, stage="adapter", rule=labels, evidence=evidence)
+            self.reasons.append(
+                f"'{key}' needs {', '.join(forbidden)} ({labels}), which the policy does not allow"
+            )
+            self.keep(key, stage="adapter", rule=rule, evidence=evidence)
         elif src is None:
             self.entries[key] = Entry(key, None, "fill", "adapter", labels, ops)
         else:
@@ -417,7 +431,9 @@ class _Planner:
             self.strip_wrappers()
             self.substitute_prefix()
 
-    def rename_pool(self, renames: dict[str, str], rule: str, evidence: dict[str, Any] | None):
+    def rename_pool(
+        self, renames: dict[str, str], rule: str, evidence: dict[str, Any] | None
+    ) -> None:
         pool: dict[str, _Source] = {}
         for name, src in self.pool.items():
             new = renames.get(name, name)
@@ -447,9 +463,9 @@ class _Planner:
         if add and any(k.startswith(lead + add) for k in self.pool):
             return
         old, new = lead + strip, lead + add
-        if not add:
+        if not new:
             rule = f"strip wrapper '{old}'"
-        elif not strip:
+        elif not old:
             rule = f"add wrapper '{new}'"
         else:
             rule = f"wrapper '{old}' -> '{new}'"
@@ -457,22 +473,27 @@ class _Planner:
 
     def substitute_prefix(self) -> None:
         """The one dot-boundary substitution p_s -> p_t that maximizes exact (key, shape)
-        matches, when it gains any. Keys that already match as they are keep their names."""
+        matches, when it gains any. Keys that the model has as they are keep their names."""
         target_shapes = {key: t.shape for key, t in self.open.items()}
-        matched = {n for n, s in self.pool.items() if target_shapes.get(n) == s.shape}
-        if len(matched) in (len(self.pool), len(self.open)):
+        # Names on both sides stay: an exact match, or (other shape) one for stage 6.
+        paired = {name for name in self.pool if name in target_shapes}
+        if len(paired) in (len(self.pool), len(self.open)):
             return  # nothing left to gain
-        unmatched = [(n, s.shape) for n, s in self.pool.items() if n not in matched]
+        unmatched = [(n, s.shape) for n, s in self.pool.items() if n not in paired]
         votes = _vote_prefixes(
-            unmatched, [(k, s) for k, s in target_shapes.items() if k not in matched]
+            unmatched, [(k, s) for k, s in target_shapes.items() if k not in paired]
         )
         ranked = sorted(votes.items(), key=lambda kv: (-kv[1], _candidate_order(kv[0])))
         best: tuple[tuple[int, tuple[int, str]], tuple[str, str], int] | None = None
         for candidate, _ in ranked[:MAX_CANDIDATES]:
-            gain = self.substitution_gain(*candidate, unmatched, target_shapes)
-            order = (-gain, _candidate_order(candidate))
-            if gain > 0 and (best is None or order < best[0]):
-                best = (order, candidate, gain)
+            matches = self.substitution_matches(*candidate, unmatched, target_shapes)
+            # One module renamed is not a prefix transform: that is for structural alignment,
+            # which checks order and module consistency before it trusts a rename.
+            if len({_module(key) for key in matches}) < 2:
+                continue
+            order = (-len(matches), _candidate_order(candidate))
+            if best is None or order < best[0]:
+                best = (order, candidate, len(matches))
         if best is None:
             return
         (p_s, p_t), gain = best[1], best[2]
@@ -484,20 +505,21 @@ class _Planner:
         evidence = {"substitution": [p_s, p_t], "matches": gain}
         self.rename_pool(renames, f"'{p_s}' -> '{p_t}'", evidence)
 
-    def substitution_gain(
+    def substitution_matches(
         self,
         p_s: str,
         p_t: str,
         unmatched: list[tuple[str, Shape]],
         target_shapes: dict[str, Shape],
-    ) -> int:
-        """New exact (key, shape) matches among the unmatched keys under p_s."""
-        gain = 0
+    ) -> list[str]:
+        """Target keys that the unmatched checkpoint keys under p_s would match exactly."""
+        matches = []
         for name, shape in unmatched:
             if name.startswith(p_s):
                 new = p_t + name[len(p_s) :]
-                gain += target_shapes.get(new) == shape and not self.collides(name, p_s, p_t)
-        return gain
+                if target_shapes.get(new) == shape and not self.collides(name, p_s, p_t):
+                    matches.append(new)
+        return matches
 
     def collides(self, name: str, p_s: str, p_t: str) -> bool:
         """A substituted name that another checkpoint key, not renamed, already holds."""
@@ -626,16 +648,17 @@ class _Planner:
                 "keeping the model's value",
             )
         evidence = {**(decision.evidence or {}), "checkpoint_key": src.stored}
+        kept_rule = _with_history(src, decision.rule)
         if decision.warning:
             self.warnings.append(decision.warning)
         if decision.ops is None:
-            self.keep(key, stage="shape_ops", rule=decision.rule, evidence=evidence)
+            self.keep(key, stage="shape_ops", rule=kept_rule, evidence=evidence)
         elif forbidden := self.forbidden(decision.ops):
             self.reasons.append(
                 f"'{key}' needs {', '.join(forbidden)} ({decision.rule}), "
                 "which the policy does not allow"
             )
-            self.keep(key, stage="shape_ops", rule=decision.rule, evidence=evidence)
+            self.keep(key, stage="shape_ops", rule=kept_rule, evidence=evidence)
         else:
             self.load(
                 key,
@@ -692,8 +715,7 @@ class _Planner:
             if old is not None and new is not None:
                 return _Decision(
                     [resample_pos_embed_op(p, [old, old], [new, new])],
-                    f"resample position embedding {old}x{old} -> {new}x{new} "
-                    f"({p} prefix tokens kept)",
+                    f"resample position embedding {old}x{old} -> {new}x{new}, prefix tokens: {p}",
                     {"num_prefix_tokens": p, "prefix_tokens_from": origin},
                 )
         return None
@@ -810,7 +832,7 @@ class _Planner:
                     action=canonical.action,
                     stage=canonical.stage,
                     rule=f"tied to {canonical.target}",
-                    ops=[dict(op) for op in canonical.ops],
+                    ops=copy.deepcopy(canonical.ops),
                     tied_to=canonical.target,
                 )
 
@@ -915,12 +937,12 @@ def _vote_prefixes(
     votes: Counter[tuple[str, str]] = Counter()
     for name, shape in sources:
         for cut in _dot_cuts(name):
-            bucket = index.get((name[cut:], shape))
-            if bucket is None:
+            found = index.get((name[cut:], shape))
+            if found is None:
                 continue
-            if len(bucket) <= MAX_BUCKET:
+            if len(found) <= MAX_BUCKET:
                 p_s = name[:cut]
-                for p_t in bucket:
+                for p_t in found:
                     if p_t != p_s:
                         votes[(p_s, p_t)] += 1
             break  # shorter suffixes only add the same targets, and more ambiguity

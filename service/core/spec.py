@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from service.errors import InvalidSpec, TooLarge
 
 # safetensors dtype code -> bytes per element.
 DTYPE_SIZES: dict[str, int] = {
@@ -144,16 +147,14 @@ def validate_spec(
     spec: ArchSpec, *, max_tensors: int, max_rank: int, max_dim: int, max_key_length: int
 ) -> ArchSpec:
     """Bounds and consistency of a spec sent by a user; raises InvalidSpec naming the fault."""
-    from service.errors import InvalidSpec, TooLarge
-
     if len(spec.tensors) > max_tensors:
         raise TooLarge(
             f"the spec lists {len(spec.tensors)} tensors; the limit is {max_tensors}",
             detail={"tensors": len(spec.tensors), "limit": max_tensors},
         )
     if len(spec._by_key) != len(spec.tensors):
-        seen: set[str] = set()
-        duplicates = sorted({t.key for t in spec.tensors if t.key in seen or seen.add(t.key)})
+        counts = Counter(t.key for t in spec.tensors)
+        duplicates = sorted(key for key, count in counts.items() if count > 1)
         raise InvalidSpec(
             f"the spec names {len(duplicates)} key(s) twice, e.g. {duplicates[0]!r}",
             detail={"duplicates": duplicates[:50]},

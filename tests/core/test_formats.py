@@ -24,7 +24,11 @@ def parse(body: bytes, limits: Limits = LIMITS):  # type: ignore[no-untyped-def]
 
 
 def test_header_of_a_safetensors_library_file() -> None:
-    tensors = {"b": torch.zeros(2, 3), "a": torch.ones(4, dtype=torch.float16), "s": torch.tensor(1)}
+    tensors = {
+        "b": torch.zeros(2, 3),
+        "a": torch.ones(4, dtype=torch.float16),
+        "s": torch.tensor(1),
+    }
     body = st_save(tensors, metadata={"k": "v"})
     header = parse(body)
     assert header.metadata == {"k": "v"}
@@ -40,7 +44,11 @@ def test_header_of_a_safetensors_library_file() -> None:
 
 
 def test_build_header_round_trips_in_order() -> None:
-    specs = [TensorSpec("z", (2,), "F32"), TensorSpec("a", (3, 1), "BF16"), TensorSpec("e", (0,), "I8")]
+    specs = [
+        TensorSpec("z", (2,), "F32"),
+        TensorSpec("a", (3, 1), "BF16"),
+        TensorSpec("e", (0,), "I8"),
+    ]
     header = build_header(specs, {"m": "1"})
     assert (len(header) - 8) % 8 == 0
     body = header + b"\0" * 8 + b"\0" * 6
@@ -83,7 +91,8 @@ def test_invalid_headers_are_refused(header: dict[str, object], data: bytes, fra
 
 
 def test_duplicate_keys_and_bounds() -> None:
-    raw = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+    entry = b'"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
+    raw = b"{" + entry + b"," + entry + b"}"
     with pytest.raises(InvalidCheckpoint, match="twice"):
         parse(struct.pack("<Q", len(raw)) + raw + b"\0")
     body = st_save({"a": torch.zeros(1)})
@@ -99,11 +108,15 @@ def test_duplicate_keys_and_bounds() -> None:
 
 
 def test_fingerprints_follow_the_design() -> None:
-    spec = ArchSpec.of([("fc.weight", [10, 4], "F32"), ("a.scale", [], "F16"), ("fc.bias", [10], "F32")])
+    spec = ArchSpec.of(
+        [("fc.weight", [10, 4], "F32"), ("a.scale", [], "F16"), ("fc.bias", [10], "F32")]
+    )
     lines = "a.scale\t\nfc.bias\t10\nfc.weight\t10,4\n"
     assert spec.arch_fp == hashlib.sha256(lines.encode()).hexdigest()
-    assert spec.shape_fp == hashlib.sha256("\n10\n10,4\n".encode()).hexdigest()
-    half = ArchSpec.of([("fc.weight", [10, 4], "F16"), ("fc.bias", [10], "BF16"), ("a.scale", [], "F32")])
+    assert spec.shape_fp == hashlib.sha256(b"\n10\n10,4\n").hexdigest()
+    half = ArchSpec.of(
+        [("fc.weight", [10, 4], "F16"), ("fc.bias", [10], "BF16"), ("a.scale", [], "F32")]
+    )
     assert half.arch_fp == spec.arch_fp, "dtype is not part of the architecture"
     renamed = ArchSpec.of([("w", [10, 4], "F32"), ("s", [], "F32"), ("b", [10], "F32")])
     assert renamed.shape_fp == spec.shape_fp and renamed.arch_fp != spec.arch_fp

@@ -1,0 +1,48 @@
+"""A fetch streams: the server's memory grows by O(largest tensor), not O(checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from statehub import Client
+from tests._server import ServerProcess
+
+MiB = 1024 * 1024
+TENSORS = 48
+ROWS, COLS = 1024, 4096  # 8 MiB per tensor in fp16, 16 MiB once cast to fp32
+ALLOWED_GROWTH = 150 * MiB
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def test_transforming_fetch_of_a_large_checkpoint_keeps_server_memory_flat(
+    hub: Client, server: ServerProcess, ns: str
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    source = {
+        f"layers.{i}.weight": torch.randn(ROWS, COLS, generator=generator).half()
+        for i in range(TENSORS)
+    }
+    checkpoint_bytes = sum(t.numel() * t.element_size() for t in source.values())
+    assert checkpoint_bytes == 384 * MiB
+    hub.push(f"{ns}/big", source)
+
+    target = {
+        "tensors": [{"key": k, "shape": [ROWS, COLS], "dtype": "F32"} for k in source],
+        "tie_groups": [],
+    }
+    reset_peak_rss(server.pid)
+    baseline = server.rss_bytes()
+    fitted = hub.fetch(f"{ns}/big", target=target)
+    growth = server.rss_peak_bytes() - baseline
+
+    assert growth < ALLOWED_GROWTH, f"server grew by {growth / MiB:.0f} MiB"
+    assert checkpoint_bytes > 2 * ALLOWED_GROWTH
+    assert list(fitted) == list(source)
+    for key in ("layers.0.weight", f"layers.{TENSORS - 1}.weight"):
+        assert fitted[key].dtype == torch.float32
+        assert torch.equal(fitted[key], source[key].float())
