@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +217,7 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
 
 def iter_layout(
     layout: FetchLayout, blobs: BlobStore, digest: str, *, start: int, end: int, chunk: int
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
     """The bytes [start, end) of the fetch body, produced segment by segment."""
     position = 0
     for segment in layout.segments:
@@ -232,12 +233,11 @@ def iter_layout(
         elif isinstance(segment, StoredRange):
             yield from blobs.iter_range(digest, segment.start + lo, segment.start + hi, chunk)
         else:
-            data = transform(segment, blobs, digest)
-            yield bytes(data[lo:hi]) if (lo, hi) != (0, len(data)) else data
+            yield transform(segment, blobs, digest)[lo:hi]
         metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
 
 
-def transform(segment: Transformed, blobs: BlobStore, digest: str) -> bytes:
+def transform(segment: Transformed, blobs: BlobStore, digest: str) -> memoryview:
     """Decode one source tensor, apply its ops, return the target's raw bytes."""
     metrics.TENSORS_DECODED.inc()
     tensor = None
@@ -254,14 +254,17 @@ def transform(segment: Transformed, blobs: BlobStore, digest: str) -> bytes:
             f"transform of {target.key!r} produced {list(result.shape)} "
             f"{ops.dtype_code(result.dtype)}, expected {list(target.shape)} {target.dtype}"
         )
-    return bytes(tensor_bytes(result))
+    return tensor_bytes(result)  # a view of the result: no copy on the way out
 
 
 def decode(raw: bytes, spec: TensorSpec) -> torch.Tensor:
+    """A read-only tensor over ``raw`` (no copy); ops build new tensors from it."""
     dtype = ops.TORCH_DTYPES[spec.dtype]
     if spec.numel == 0:
         return torch.empty(spec.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(spec.shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(raw, dtype=dtype).reshape(spec.shape)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from service.core.ops import (
     slice_op,
 )
 from service.core.plan import Coverage, Entry, Plan, Policy, Verdict
-from service.core.spec import DTYPE_SIZES, ArchSpec, TensorSpec
+from service.core.spec import ArchSpec, TensorSpec, check_spec
 from service.errors import InvalidSpec
 
 Shape = tuple[int, ...]
@@ -81,8 +81,8 @@ def plan(
     and version. Raises InvalidSpec for specs that cannot be planned (duplicate keys, unknown
     dtypes, inconsistent tie groups); everything else, however incompatible, is a Plan.
     """
-    _validate_spec(source, "source")
-    _validate_spec(target, "target")
+    check_spec(source, "source")
+    check_spec(target, "target")
     aliases = _source_aliases(source)
     groups = _target_tie_groups(target)
     ordered = sorted(adapters, key=_adapter_order)
@@ -97,28 +97,6 @@ def _adapter_order(adapter: AdapterInput) -> tuple[str, int, str]:
 
 
 # ------------------------------------------------------------------------------ validation
-
-
-def _validate_spec(spec: ArchSpec, side: str) -> None:
-    seen: set[str] = set()
-    for t in spec.tensors:
-        if not t.key:
-            raise InvalidSpec(f"{side} spec has an empty key", detail={"side": side})
-        if t.key in seen:
-            raise InvalidSpec(
-                f"{side} spec has duplicate key '{t.key}'", detail={"side": side, "key": t.key}
-            )
-        seen.add(t.key)
-        if t.dtype not in DTYPE_SIZES:
-            raise InvalidSpec(
-                f"{side} spec: '{t.key}' has unknown dtype '{t.dtype}'",
-                detail={"side": side, "key": t.key},
-            )
-        if any(d < 0 for d in t.shape):
-            raise InvalidSpec(
-                f"{side} spec: '{t.key}' has a negative dimension {list(t.shape)}",
-                detail={"side": side, "key": t.key},
-            )
 
 
 def _check_group_members(group: Sequence[str], claimed: set[str], side: str) -> None:

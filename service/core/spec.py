@@ -143,33 +143,48 @@ def shape_fingerprint(tensors: Iterable[TensorSpec]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def check_spec(spec: ArchSpec, side: str) -> None:
+    """What any spec must satisfy to be planned: non-empty unique keys, known dtypes,
+    non-negative dims. Raises InvalidSpec naming the side and the key."""
+    counts = Counter(t.key for t in spec.tensors)
+    duplicates = sorted(key for key, count in counts.items() if count > 1)
+    if duplicates:
+        raise InvalidSpec(
+            f"{side} spec names {len(duplicates)} key(s) twice, e.g. {duplicates[0]!r}",
+            detail={"side": side, "duplicates": duplicates[:50]},
+        )
+    for t in spec.tensors:
+        if not t.key:
+            raise InvalidSpec(f"{side} spec has an empty key", detail={"side": side})
+        if t.dtype not in DTYPE_SIZES:
+            raise InvalidSpec(
+                f"{side} spec: {t.key!r} has unknown dtype {t.dtype!r}; "
+                f"use one of {sorted(DTYPE_SIZES)}",
+                detail={"side": side, "key": t.key},
+            )
+        if any(d < 0 for d in t.shape):
+            raise InvalidSpec(
+                f"{side} spec: {t.key!r} has a negative dimension {list(t.shape)}",
+                detail={"side": side, "key": t.key},
+            )
+
+
 def validate_spec(
     spec: ArchSpec, *, max_tensors: int, max_rank: int, max_dim: int, max_key_length: int
 ) -> ArchSpec:
-    """Bounds and consistency of a spec sent by a user; raises InvalidSpec naming the fault."""
+    """A spec sent by a user: bounded, consistent, with tie groups that name its own keys."""
     if len(spec.tensors) > max_tensors:
         raise TooLarge(
             f"the spec lists {len(spec.tensors)} tensors; the limit is {max_tensors}",
             detail={"tensors": len(spec.tensors), "limit": max_tensors},
         )
-    if len(spec._by_key) != len(spec.tensors):
-        counts = Counter(t.key for t in spec.tensors)
-        duplicates = sorted(key for key, count in counts.items() if count > 1)
-        raise InvalidSpec(
-            f"the spec names {len(duplicates)} key(s) twice, e.g. {duplicates[0]!r}",
-            detail={"duplicates": duplicates[:50]},
-        )
+    check_spec(spec, "target")
     for t in spec.tensors:
-        if not t.key or len(t.key) > max_key_length:
-            raise InvalidSpec(f"tensor key of length {len(t.key)} is empty or too long")
-        if t.dtype not in DTYPE_SIZES:
+        if len(t.key) > max_key_length:
+            raise InvalidSpec(f"tensor key of length {len(t.key)} is too long")
+        if len(t.shape) > max_rank or any(d > max_dim for d in t.shape):
             raise InvalidSpec(
-                f"tensor {t.key!r}: unknown dtype {t.dtype!r}; use one of {sorted(DTYPE_SIZES)}",
-                detail={"key": t.key},
-            )
-        if len(t.shape) > max_rank or any(d < 0 or d > max_dim for d in t.shape):
-            raise InvalidSpec(
-                f"tensor {t.key!r}: shape {list(t.shape)} has a negative or absurd dimension "
+                f"tensor {t.key!r}: shape {list(t.shape)} has an absurd dimension "
                 f"or more than {max_rank} dimensions",
                 detail={"key": t.key, "shape": list(t.shape)},
             )

@@ -205,7 +205,9 @@ def read_torch_zip(buffer: Any, *, limits: Limits) -> TorchCheckpoint:
         persistent_load=_zip_persistent_load(storages),
         report=report,
     ).load()
-    records = {key: _storage_record(view, members, prefix, ref) for key, ref in storages.refs.items()}
+    records = {
+        key: _storage_record(view, members, prefix, ref) for key, ref in storages.refs.items()
+    }
     inflated = sum(r.nbytes for r in records.values() if r.compressed) + pickle_record.nbytes
     if inflated > inflation_budget(len(view)):
         raise TooLarge(
@@ -311,9 +313,7 @@ def _record(view: memoryview, info: zipfile.ZipInfo) -> Record:
             f"zip member {info.filename!r} is truncated or lies about its size",
             detail={"member": info.filename},
         )
-    return Record(
-        info.filename, offset, info.compress_size, info.file_size, not stored, info.CRC
-    )
+    return Record(info.filename, offset, info.compress_size, info.file_size, not stored, info.CRC)
 
 
 def _raw_name(info: zipfile.ZipInfo) -> bytes:

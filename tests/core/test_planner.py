@@ -784,7 +784,7 @@ def test_nothing_matches_is_incompatible() -> None:
 @pytest.mark.parametrize(
     ("source", "target", "message"),
     [
-        (ArchSpec.of([("a", [1], "F32"), ("a", [1], "F32")]), resnet(), "duplicate key 'a'"),
+        (ArchSpec.of([("a", [1], "F32"), ("a", [1], "F32")]), resnet(), "names 1 key(s) twice"),
         (resnet(), ArchSpec.of([("a", [1], "F33")]), "unknown dtype"),
         (resnet(), ArchSpec.of([("a", [1], "F32")], [["a", "b"]]), "unknown keys ['b']"),
         (
