@@ -151,7 +151,7 @@ def _add_version(
     if ingested.snapshot:
         ingest_report["snapshot"] = ingested.snapshot
     version = Version(
-        model=model,
+        model_id=model.id,  # not model=: that would load every version of the model
         number=repo.next_version_number(session, model),
         digest=ingested.digest,
         size=ingested.size,
@@ -168,6 +168,7 @@ def _add_version(
     )
     session.add(version)
     session.flush()
+    session.refresh(version, attribute_names=["model"])  # usable after the session closes
     return version
 
 

@@ -77,7 +77,7 @@ class Version(Base):
     # Offset of the first tensor byte in the stored safetensors blob.
     data_start: Mapped[int] = mapped_column(BigInteger)
     # {"tensors": [{key, shape, dtype}...], "tie_groups": [...]} with byte offsets per tensor.
-    spec: Mapped[dict[str, Any]] = mapped_column()
+    spec: Mapped[dict[str, Any]] = mapped_column(deferred=True)  # large: loaded when used
     arch_fp: Mapped[str] = mapped_column(String(64), index=True)
     shape_fp: Mapped[str] = mapped_column(String(64), index=True)
     tensor_count: Mapped[int] = mapped_column(Integer)

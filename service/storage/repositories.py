@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, undefer
 
 from service.core.names import LATEST, ModelName, VersionRef
 from service.errors import NotFound
@@ -143,7 +143,7 @@ def candidate_versions(
     exact = (Version.arch_fp == arch_fp) | (Version.shape_fp == shape_fp)
     ordered = (
         select(Version)
-        .options(selectinload(Version.model))
+        .options(selectinload(Version.model), undefer(Version.spec))
         .order_by(exact.desc(), Version.created_at.desc(), Version.id.desc())
         .limit(limit)
     )
