@@ -1,13 +1,13 @@
 """statehub: push PyTorch checkpoints once, fetch them fitted to any model.
 
-    >>> from statehub import Client
-    >>> hub = Client()
-    >>> hub.push("vision/resnet50-rsp", model, alias="prod")
-    >>> sd = hub.fetch("vision/resnet50-rsp@prod", target=my_model)
-    >>> my_model.load_state_dict(sd)
+>>> from statehub import Client
+>>> hub = Client()
+>>> hub.push("vision/resnet50-rsp", model, alias="prod")
+>>> sd = hub.fetch("vision/resnet50-rsp@prod", target=my_model)
+>>> my_model.load_state_dict(sd)
 """
 
-from statehub._client import Client, split_ref
+from statehub._client import Client, Progress, split_ref
 from statehub._errors import (
     Conflict,
     ConnectionFailed,
@@ -48,6 +48,7 @@ __all__ = [
     "NotFound",
     "Plan",
     "PlanEntry",
+    "Progress",
     "RangeNotSatisfiable",
     "StatehubError",
     "StorageError",

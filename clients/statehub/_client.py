@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import torch
@@ -27,9 +31,30 @@ from statehub._tensors import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-POLICY_KEYS = ("strict", "head", "embedding", "on_missing", "allow_structural", "allow_ops", "adapters")
+POLICY_KEYS = (
+    "strict",
+    "head",
+    "embedding",
+    "on_missing",
+    "allow_structural",
+    "allow_ops",
+    "adapters",
+)
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 CHUNK = 1024 * 1024
+
+
+class Progress(Protocol):
+    """A progress callback: ``progress(bytes_done, bytes_total)``, called as bytes move.
+
+    ``bytes_done`` is the absolute count; after a retried upload it starts again at 0.
+    A ``tqdm`` bar fits in two lines::
+
+        bar = tqdm(unit="B", unit_scale=True)
+        hub.push(name, path, progress=lambda done, total: bar.update(done - bar.n))
+    """
+
+    def __call__(self, done: int, total: int, /) -> None: ...
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -93,6 +118,7 @@ class Client:
         )
 
     def close(self) -> None:
+        """Close the connection pool."""
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -139,6 +165,7 @@ class Client:
         alias: str | None = None,
         metadata: dict[str, Any] | None = None,
         ema: bool = False,
+        progress: Progress | None = None,
     ) -> Version:
         """Upload a checkpoint as the next version of ``name`` (created if new).
 
@@ -149,6 +176,7 @@ class Client:
             alias: also point this alias (e.g. ``prod``) at the new version.
             metadata: JSON-able data kept with the version.
             ema: take the EMA weights of a training snapshot instead of the raw ones.
+            progress: called with ``(bytes_sent, bytes_total)`` while the body uploads.
 
         Returns:
             The stored :class:`Version` (``created=False`` when identical bytes were
@@ -156,6 +184,12 @@ class Client:
 
         Raises:
             InvalidCheckpoint, UnsafePickle, TooLarge, InvalidName, ConnectionFailed.
+            FileNotFoundError / ValueError: a path that is missing or not a checkpoint.
+
+        Example:
+            >>> v = hub.push("vision/resnet", "ckpt.pth", alias="prod", metadata={"top1": 0.71})
+            >>> v.ref
+            'vision/resnet:1'
         """
         model, _ = split_ref(name)
         params: dict[str, Any] = {"ema": str(ema).lower()}
@@ -169,14 +203,16 @@ class Client:
                 "POST",
                 f"/v1/models/{model}/versions",
                 params=params,
-                content=body(),
+                content=_counted(body(), length, progress),
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
                 timeout=httpx.Timeout(None, connect=10.0),
             ),
             retry=True,  # safe: identical bytes return the existing version
         )
-        with response:
+        try:
             response.read()
+        finally:
+            response.close()
         return Version.from_json(response.json(), created=response.status_code == 201)
 
     @staticmethod
@@ -202,6 +238,18 @@ class Client:
         return (lambda: iter_safetensors(items, header)), length
 
     def get_model(self, name: str) -> dict[str, Any]:
+        """A model with its versions and aliases.
+
+        Args:
+            name: ``namespace/name`` (a version part, if any, is ignored).
+
+        Returns:
+            The server's model JSON: ``namespace``, ``name``, ``description``, ``tags``,
+            ``latest_version``, ``aliases`` (alias -> version) and ``versions``.
+
+        Raises:
+            NotFound, ConnectionFailed.
+        """
         model, _ = split_ref(name)
         return self._json("GET", f"/v1/models/{model}")
 
@@ -215,46 +263,156 @@ class Client:
         limit: int = 50,
         offset: int = 0,
     ) -> dict[str, Any]:
+        """Models, newest first, optionally filtered.
+
+        Args:
+            query: substring of the name or description.
+            namespace: only this namespace.
+            tag: only models with this tag.
+            arch_fp: only models with a version of this architecture fingerprint.
+            limit: page size (1-500).
+            offset: page start.
+
+        Returns:
+            ``{"items": [model, ...], "total": n, "limit": ..., "offset": ...}``.
+
+        Raises:
+            InvalidRequest, ConnectionFailed.
+        """
         params = {"q": query, "namespace": namespace, "tag": tag, "arch_fp": arch_fp}
         params = {k: v for k, v in params.items() if v is not None}
         return self._json("GET", "/v1/models", params={**params, "limit": limit, "offset": offset})
 
     def delete_model(self, name: str) -> None:
+        """Delete a model, its versions and aliases (admin).
+
+        Raises:
+            NotFound, Forbidden, ConnectionFailed.
+        """
         model, _ = split_ref(name)
         self._json("DELETE", f"/v1/models/{model}", retry=False)
 
     def versions(self, name: str) -> list[Version]:
+        """Every version of a model, oldest first (without specs).
+
+        Raises:
+            NotFound, ConnectionFailed.
+        """
         model, _ = split_ref(name)
         return [Version.from_json(v) for v in self._json("GET", f"/v1/models/{model}/versions")]
 
     def version(self, ref: str) -> Version:
+        """One version, with its spec.
+
+        Args:
+            ref: ``ns/name`` (latest), ``ns/name:3``, ``ns/name@prod`` or ``ns/name@sha256:...``.
+
+        Raises:
+            NotFound, InvalidRef, ConnectionFailed.
+        """
         model, version = split_ref(ref)
         return Version.from_json(self._json("GET", f"/v1/models/{model}/versions/{version}"))
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+        """Point ``alias`` (e.g. ``prod``) of model ``name`` at ``version``.
+
+        Returns:
+            ``{"model": ..., "alias": ..., "version": ...}``.
+
+        Raises:
+            NotFound (no such model or version), InvalidName, ConnectionFailed.
+        """
         model, _ = split_ref(name)
         return self._json("PUT", f"/v1/models/{model}/aliases/{alias}", json={"version": version})
 
     # -- adapters -------------------------------------------------------------------------
 
     def register_adapter(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        """Register a declarative adapter (name, scope, rules); see the server docs."""
+        """Register a declarative adapter; an existing name gets its next version.
+
+        Args:
+            adapter: ``{"name": ..., "description": ..., "scope": {...}, "rules": [...]}``;
+                rules are data (rename, drop, prefix, op), never code.
+
+        Returns:
+            The stored adapter (with its ``version``).
+
+        Raises:
+            InvalidAdapter (``detail["errors"]`` lists every problem), ConnectionFailed.
+        """
         return self._json("POST", "/v1/adapters", json=adapter, retry=False)
 
     def adapters(self) -> list[dict[str, Any]]:
+        """The newest version of every registered adapter.
+
+        Raises:
+            ConnectionFailed.
+        """
         return self._json("GET", "/v1/adapters")
 
     # -- fitting --------------------------------------------------------------------------
 
     def plan(self, ref: str, *, target: Any, **policy: Any) -> Plan:
-        """How ``ref`` maps onto ``target`` (module, state_dict, spec or file); no weights move."""
+        """How ``ref`` maps onto ``target``; no weights move (the CI gate's question).
+
+        Args:
+            ref: a version reference (DESIGN section 2).
+            target: an ``nn.Module``, a state_dict, a spec dict, or a path to a checkpoint
+                or spec JSON file. Only its spec is sent.
+            **policy: ``strict``, ``head``, ``embedding``, ``on_missing``,
+                ``allow_structural``, ``allow_ops``, ``adapters``.
+
+        Returns:
+            The :class:`Plan`; ``incompatible`` is a verdict here, not an error.
+
+        Raises:
+            NotFound, InvalidSpec, ConnectionFailed; TypeError for an unknown policy option.
+
+        Example:
+            >>> plan = hub.plan("vision/resnet@prod", target=model)
+            >>> plan.verdict, plan.keep_target
+            ('partial', ['fc.weight', 'fc.bias'])
+        """
         model, version = split_ref(ref)
         body = {"target": spec_of(target), "policy": _policy(policy)}
         data = self._json("POST", f"/v1/models/{model}/versions/{version}/plan", json=body)
         return Plan.from_json(data["plan"], data["plan_id"])
 
-    def find_compatible(self, target: Any, *, limit: int = 10, **policy: Any) -> list[dict[str, Any]]:
-        """Stored versions ranked by how well they fit ``target``."""
+    def diff(self, a: str, b: Any, **policy: Any) -> Plan:
+        """What differs between version ``a`` and ``b``, as the planner sees it.
+
+        Args:
+            a: a version reference (the source).
+            b: another version reference, or anything :meth:`plan` takes as a target.
+            **policy: as for :meth:`plan`.
+
+        Returns:
+            The plan of ``a`` onto ``b``'s spec.
+
+        Raises:
+            NotFound, ConnectionFailed.
+        """
+        target = b
+        if isinstance(b, str) and not Path(b).exists():
+            target = self.version(b).spec
+        return self.plan(a, target=target, **policy)
+
+    def find_compatible(
+        self, target: Any, *, limit: int = 10, **policy: Any
+    ) -> list[dict[str, Any]]:
+        """Stored versions ranked by how well they fit ``target`` (best first).
+
+        Args:
+            target: as for :meth:`plan`.
+            limit: at most this many candidates.
+            **policy: as for :meth:`plan`.
+
+        Returns:
+            ``[{"ref", "model", "version", "digest", "verdict", "coverage"}, ...]``.
+
+        Raises:
+            InvalidSpec, ConnectionFailed.
+        """
         body = {"target": spec_of(target), "policy": _policy(policy), "limit": limit}
         return self._json("POST", "/v1/search/compatible", json=body)
 
@@ -265,6 +423,7 @@ class Client:
         target: Any,
         device: str | torch.device | None = None,
         load: bool = False,
+        progress: Progress | None = None,
         **policy: Any,
     ) -> dict[str, torch.Tensor]:
         """A state_dict of ``ref`` fitted to ``target``, ready for a strict ``load_state_dict``.
@@ -276,17 +435,25 @@ class Client:
                 file works too when every key comes from the checkpoint.
             device: where to place the tensors (``"cuda"``...).
             load: also load the result into ``target`` (an ``nn.Module``), strictly.
+            progress: called with ``(bytes_received, bytes_total)`` as the stream arrives.
             **policy: ``strict``, ``head``, ``embedding``, ``on_missing``,
                 ``allow_structural``, ``allow_ops``, ``adapters``.
+
+        Returns:
+            A dict of tensors in the target's key order.
 
         Raises:
             Incompatible: the policy forbids what fitting would need (``.plan`` says why).
             NotFound, ConnectionFailed, IntegrityError.
+
+        Example:
+            >>> sd = hub.fetch("vision/resnet@prod", target=model, head="keep")
+            >>> model.load_state_dict(sd)
         """
         model, version = split_ref(ref)
         body = {"target": spec_of(target), "policy": _policy(policy)}
         path = f"/v1/models/{model}/versions/{version}/fetch"
-        tensors, metadata = self._fetch_stream(path, body)
+        tensors, metadata = self._fetch_stream(_ResumableBody(self, "POST", path, body), progress)
         state_dict = self._complete(tensors, metadata, target)
         if device is not None:
             state_dict = {k: v.to(device) for k, v in state_dict.items()}
@@ -296,15 +463,61 @@ class Client:
             target.load_state_dict(state_dict, strict=True)
         return state_dict
 
+    def pull(
+        self,
+        ref: str,
+        path: str | os.PathLike[str],
+        *,
+        target: Any = None,
+        progress: Progress | None = None,
+        **policy: Any,
+    ) -> Path:
+        """Save ``ref`` to a safetensors file, fitted to ``target`` if one is given.
+
+        The body streams to a unique ``.incomplete`` file beside ``path`` (after a free-space
+        check) and is renamed into place only when every byte arrived, so ``path`` never
+        holds a partial file. An interrupted transfer resumes with ``Range``.
+
+        With a target the file is the fetch stream: its ``__metadata__`` carries the plan
+        (``statehub.plan``) and the keys the target keeps (``statehub.keep_target``), which
+        the file does not contain. Without one it is the stored checkpoint, byte for byte,
+        checked against its digest.
+
+        Args:
+            ref: a version reference.
+            path: where to write.
+            target: as for :meth:`plan`, or None for the stored checkpoint as it is.
+            progress: called with ``(bytes_received, bytes_total)``.
+            **policy: as for :meth:`fetch` (only with a target).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+
+        Raises:
+            Incompatible, NotFound, ConnectionFailed, IntegrityError; OSError (ENOSPC) when
+            the disk cannot hold the file.
+        """
+        model, version = split_ref(ref)
+        base = f"/v1/models/{model}/versions/{version}"
+        if target is None:
+            if policy:
+                raise TypeError("policy options need a target; without one pull stores as is")
+            stream = _ResumableBody(self, "GET", f"{base}/blob", None)
+        else:
+            body = {"target": spec_of(target), "policy": _policy(policy)}
+            stream = _ResumableBody(self, "POST", f"{base}/fetch", body)
+        return _download(stream, Path(path), progress, verify_digest=target is None)
+
     def _fetch_stream(
-        self, path: str, body: dict[str, Any]
+        self, stream: _ResumableBody, progress: Progress | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        stream = _ResumableBody(self, path, body)
-        reader = StreamReader(stream.chunks())
         try:
-            tensors, metadata = read_safetensors_stream(reader)
-        except EOFError as exc:
-            raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
+            stream.open()
+            reader = StreamReader(stream.chunks(progress))
+            try:
+                tensors, metadata = read_safetensors_stream(reader)
+            except EOFError as exc:
+                raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
         finally:
             stream.close()
         if reader.consumed != stream.total:
@@ -334,16 +547,75 @@ class Client:
         for key, canonical in tied.items():
             tensors[key] = tensors[canonical]
         order = [t["key"] for t in spec_of(target)["tensors"]]
+        known = set(order)
         return {k: tensors[k] for k in order if k in tensors} | {
-            k: v for k, v in tensors.items() if k not in set(order)
+            k: v for k, v in tensors.items() if k not in known
         }
 
 
-class _ResumableBody:
-    """The body of a fetch, resumed with ``Range`` + ``If-Range`` if the connection drops."""
+def _counted(chunks: Iterator[bytes], total: int, progress: Progress | None) -> Iterator[bytes]:
+    """``chunks`` unchanged, reporting the running byte count to ``progress``."""
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
 
-    def __init__(self, client: Client, path: str, body: dict[str, Any], resumes: int = 3):
+
+def _download(
+    stream: _ResumableBody, path: Path, progress: Progress | None, *, verify_digest: bool
+) -> Path:
+    """Write a response body to ``path`` atomically: ``.incomplete`` temp, then rename."""
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        stream.open()
+        free = shutil.disk_usage(path.parent).free
+        if stream.total > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"{path.parent} has {free} bytes free; the file needs {stream.total}",
+            )
+        with open(partial, "wb") as handle:
+            for chunk in stream.chunks(progress):
+                handle.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if written != stream.total:
+            raise IntegrityError(f"received {written} of {stream.total} bytes")
+        if verify_digest and stream.etag.strip('"') not in ("", digest.hexdigest()):
+            raise IntegrityError(
+                f"the download's sha256 {digest.hexdigest()} is not the stored digest "
+                f"{stream.etag.strip(chr(34))}"
+            )
+        os.replace(partial, path)
+    finally:
+        stream.close()
+        partial.unlink(missing_ok=True)
+    return path
+
+
+class _ResumableBody:
+    """A response body, resumed with ``Range`` + ``If-Range`` if the connection drops."""
+
+    def __init__(
+        self,
+        client: Client,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        resumes: int = 3,
+    ) -> None:
         self._client = client
+        self._method = method
         self._path = path
         self._body = body
         self._resumes = resumes
@@ -351,46 +623,59 @@ class _ResumableBody:
         self.total = 0
         self.etag = ""
 
-    def _open(self, received: int) -> httpx.Response:
+    def _request(self, received: int) -> httpx.Response:
         headers = {}
         if received:
             headers = {"Range": f"bytes={received}-", "If-Range": self.etag}
+        http = self._client._http
         response = self._client._send(
-            lambda: self._client._http.build_request(
-                "POST",
+            lambda: http.build_request(
+                self._method,
                 self._path,
                 json=self._body,
                 headers=headers,
-                timeout=httpx.Timeout(self._client._http.timeout.read, connect=10.0),
+                timeout=httpx.Timeout(http.timeout.read, connect=10.0),
             ),
             retry=True,
         )
         if received and response.status_code != 206:
             response.close()
-            raise IntegrityError("the fitted checkpoint changed while resuming; fetch again")
+            raise IntegrityError("the content changed while resuming; fetch again")
         return response
 
-    def chunks(self) -> Iterator[bytes]:
-        received = 0
-        self._response = self._open(0)
+    def open(self) -> None:
+        """Send the request; afterwards ``total`` and ``etag`` are known."""
+        self._response = self._request(0)
         self.total = int(self._response.headers["content-length"])
         self.etag = self._response.headers.get("etag", "")
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+        """The body's bytes, in order, across as many resumed requests as it takes."""
+        if self._response is None:
+            self.open()
+        assert self._response is not None
+        received = 0
         resumes = self._resumes
+        if progress is not None:
+            progress(0, self.total)
         while True:
             try:
-                for chunk in self._response.iter_raw(CHUNK):
+                # No chunk_size: httpx would buffer up to it, and a cut would lose the buffer.
+                for chunk in self._response.iter_raw():
                     received += len(chunk)
+                    if progress is not None:
+                        progress(received, self.total)  # before the yield: the reader may stop
                     yield chunk
-                if received >= self.total:
-                    return
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if resumes == 0:
-                    raise
+                    raise ConnectionFailed(
+                        f"the transfer broke after {received} of {self.total} bytes: {exc}"
+                    ) from exc
             self._response.close()
             if received >= self.total or resumes == 0:
                 return
             resumes -= 1
-            self._response = self._open(received)
+            self._response = self._request(received)
 
     def close(self) -> None:
         if self._response is not None:

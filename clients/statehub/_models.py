@@ -8,6 +8,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Version:
+    """One immutable version of a model (``created`` is False when a push was a duplicate)."""
+
     model: str
     version: int
     ref: str
@@ -23,6 +25,8 @@ class Version:
     metadata: dict[str, Any]
     spec: dict[str, Any] | None = None
     created: bool = True
+    created_by: str = ""
+    created_at: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, created: bool = True) -> Version:
@@ -42,11 +46,15 @@ class Version:
             metadata=data.get("metadata", {}),
             spec=data.get("spec"),
             created=created,
+            created_by=data.get("created_by", ""),
+            created_at=str(data.get("created_at", "")),
         )
 
 
 @dataclass(frozen=True)
 class PlanEntry:
+    """Where one target tensor comes from (``source``) and how (``action``, ``ops``)."""
+
     target: str
     source: str | None
     action: str
@@ -59,6 +67,8 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class Plan:
+    """How a stored checkpoint maps onto a target: one entry per target key, in order."""
+
     verdict: str
     entries: list[PlanEntry]
     coverage: dict[str, Any]

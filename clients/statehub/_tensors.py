@@ -6,11 +6,12 @@ and the tie groups (keys sharing storage).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -34,7 +35,11 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# Where training snapshots keep the weights, in the order the server looks (see ingest).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "lr_scheduler", "scheduler")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -89,7 +94,10 @@ def spec_of(target: Any) -> dict[str, Any]:
     if isinstance(target, (str, Path)):
         return spec_of_file(Path(target))
     if isinstance(target, Mapping) and "tensors" in target:
-        return {"tensors": list(target["tensors"]), "tie_groups": list(target.get("tie_groups", []))}
+        return {
+            "tensors": list(target["tensors"]),
+            "tie_groups": list(target.get("tie_groups", [])),
+        }
     return spec_of_state_dict(state_dict_of(target))
 
 
@@ -104,7 +112,10 @@ def spec_of_file(path: Path) -> dict[str, Any]:
         head = handle.read(8)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         loaded = torch.load(path, map_location="meta", weights_only=True)
-        return spec_of_state_dict(_find_state_dict(loaded, path))
+        state_dict, _ = extract_state_dict(loaded)
+        if state_dict is None:
+            raise ValueError(f"{path}: no state_dict found (a plain dict of tensors or a snapshot)")
+        return spec_of_state_dict(state_dict)
     header = read_safetensors_header(path)
     return {
         "tensors": [
@@ -116,15 +127,67 @@ def spec_of_file(path: Path) -> dict[str, Any]:
     }
 
 
-def _find_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(loaded, Mapping):
-        if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            return dict(loaded)
-        for key in STATE_DICT_KEYS:
-            inner = loaded.get(key)
-            if isinstance(inner, Mapping) and inner:
-                return _find_state_dict(inner, path)
-    raise ValueError(f"{path}: no state_dict found (a plain dict of tensors or a snapshot)")
+def is_state_dict(value: Any) -> TypeGuard[Mapping[str, torch.Tensor]]:
+    """A non-empty mapping of string keys to tensors."""
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def extract_state_dict(
+    loaded: Any, *, ema: bool = False
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The state_dict in a loaded torch file and where it was, looked for as the server does.
+
+    Returns ``(None, None)`` when there is none; ``origin`` is None for a plain state_dict.
+    """
+    if is_state_dict(loaded):
+        return dict(loaded), None
+    if not isinstance(loaded, Mapping):
+        return None, None
+    order = (*EMA_KEYS, *STATE_DICT_KEYS) if ema else (*STATE_DICT_KEYS, *EMA_KEYS)
+    for key in order:
+        value = loaded.get(key)
+        if is_state_dict(value):
+            return dict(value), key
+        inner = value.get("state_dict") if isinstance(value, Mapping) else None
+        if is_state_dict(inner):
+            return dict(inner), f"{key}.state_dict"
+    return None, None
+
+
+def wrapper_prefixes(keys: Iterable[str]) -> list[str]:
+    """Wrapper prefixes every key shares, outermost first (``module._orig_mod.`` -> both)."""
+    keys = list(keys)
+    found: list[str] = []
+    prefix = ""
+    while keys:
+        for wrapper in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix + wrapper) for k in keys):
+                found.append(wrapper)
+                prefix += wrapper
+                break
+        else:
+            break
+    return found
+
+
+def _dims(shape: Iterable[int]) -> str:
+    return ",".join(str(int(d)) for d in shape)
+
+
+def arch_fp(spec: Mapping[str, Any]) -> str:
+    """sha256 of the sorted lines ``"{key}\\t{d0,d1,...}\\n"`` (DESIGN section 4; no dtype)."""
+    lines = sorted(f"{t['key']}\t{_dims(t['shape'])}\n" for t in spec["tensors"])
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def shape_fp(spec: Mapping[str, Any]) -> str:
+    """sha256 of the sorted shape lines alone (name-free)."""
+    lines = sorted(f"{_dims(t['shape'])}\n" for t in spec["tensors"])
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -144,10 +207,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = _contiguous_cpu(tensor).reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
-def safetensors_header(items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> bytes:
+def safetensors_header(
+    items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, t in items:
@@ -224,6 +289,6 @@ def read_safetensors_stream(
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
         if tensor.numel():
-            reader.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            reader.readinto(tensor.reshape(-1).view(torch.uint8).numpy().data)
         tensors[key] = tensor
     return tensors, metadata

@@ -1,0 +1,5 @@
+"""``python -m statehub``: the command line."""
+
+from statehub.cli import main
+
+main()
