@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.adapters import AdapterSpec, parse_adapter
@@ -221,20 +222,26 @@ def register_adapter(*, session: Session, data: dict[str, Any], actor: str) -> A
     """Validate an adapter (never code: JSON rules) and store it as the name's next version."""
     spec = parse_adapter(data)
     validate_segment(spec.name, what="adapter name")
-    if spec.scope.model is not None:
-        ModelName.parse(spec.scope.model)
+    scope_model = str(ModelName.parse(spec.scope.model)) if spec.scope.model else None
     previous = repo.adapter_versions(session, spec.name)
     adapter = Adapter(
         name=spec.name,
         version=(previous[-1].version + 1) if previous else 1,
         description=spec.description,
-        scope_model=str(ModelName.parse(spec.scope.model)) if spec.scope.model else None,
+        scope_model=scope_model,
         scope_source_arch_fp=spec.scope.source_arch_fp,
         scope_target_arch_fp=spec.scope.target_arch_fp,
         rules=[rule.model_dump(mode="json") for rule in spec.rules],
         created_by=actor,
     )
-    session.add(adapter)
+    try:
+        with session.begin_nested():
+            session.add(adapter)
+    except IntegrityError as exc:
+        raise Conflict(
+            f"adapter {spec.name!r} was registered concurrently; register it again",
+            detail={"adapter": spec.name},
+        ) from exc
     repo.record_event(
         session,
         actor=actor,
@@ -242,7 +249,6 @@ def register_adapter(*, session: Session, data: dict[str, Any], actor: str) -> A
         object_type="adapter",
         object_ref=f"{spec.name}:{adapter.version}",
     )
-    session.flush()
     return adapter
 
 
