@@ -77,7 +77,8 @@ def delete_model(name: ModelNameDep, session: SessionDep, actor: ActorDep) -> Re
         "requestBody": {
             "required": True,
             "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in ("application/octet-stream", "application/x-tar")
             },
         }
     },
@@ -94,10 +95,30 @@ async def upload_version(
     metadata: str | None = Query(default=None, max_length=MAX_METADATA_CHARS),
     ema: bool = Query(default=False, description="take EMA weights from a training snapshot"),
 ) -> VersionOut:
-    """Upload a checkpoint as the raw request body (safetensors, or a torch .pth/.pt/.bin).
+    """Upload a checkpoint as the raw request body; what it is comes from its first bytes.
 
-    The body is spooled to disk while it is hashed. Identical bytes already stored as a
-    version of this model return that version with status 200 instead of a new one.
+    - **safetensors**: validated and stored byte for byte.
+    - **torch.save files** (.pth/.pt/.bin; zip or legacy format, tensors saved on any device):
+      read without executing anything, and converted to safetensors in state_dict order. The
+      weights come from a state_dict, a pickled module, or a training snapshot (``model``,
+      ``state_dict``, ``model_state_dict``, ``net``, ... or with ``ema=true``
+      ``state_dict_ema``, ``model_ema``, ...); the snapshot's other plain data (epoch,
+      metrics, config) is kept in the version's ``ingest.snapshot``; optimizer and
+      scheduler state are dropped. ``ema=true`` on a file without EMA weights is refused
+      rather than answered with the other weights. A pickle that would run code is refused
+      with ``unsafe_pickle``, naming its globals.
+    - **sharded safetensors** (Hugging Face style): an uncompressed tar, sent with
+      ``Content-Type: application/x-tar``, holding one ``*.safetensors.index.json`` and the
+      shards its ``weight_map`` names, relative to the index (``tar -cf - -C model_dir
+      model.safetensors.index.json model-00001-of-00002.safetensors ...``). The shards are
+      merged into one stored file, tensors in the index's order. At most 4096 members,
+      regular files and directories only, no absolute or ``..`` names; other members
+      (``config.json``) are ignored and listed in the report.
+
+    What ingestion found (source format, where the weights came from, wrapper prefixes,
+    placeholder globals, dtypes, dropped parts, tie groups) is the version's ``ingest``.
+    The body is spooled to disk while it is hashed. An upload whose stored bytes equal an
+    existing version of this model returns that version with status 200 instead.
     """
     user_metadata = _parse_metadata(metadata)
     length = request.headers.get("content-length")

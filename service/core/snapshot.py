@@ -91,32 +91,165 @@ class Extracted:
 
 def extract_weights(root: Any, *, ema: bool) -> Extracted:
     """The weights in ``root`` and the rest of the snapshot; InvalidCheckpoint if none."""
-    direct = weights_of(root)
-    if direct is not None:
-        if ema:
-            raise InvalidCheckpoint(
-                "EMA weights were asked for, but the file is a plain "
-                + ("pickled module" if direct.module_class else "state_dict")
-                + ": push it without ema=true"
-            )
-        return Extracted(_checked(direct), None, False, {}, [])
-    snapshot, snapshot_class = _as_snapshot(root)
-    if snapshot is None:
-        raise InvalidCheckpoint(
-            f"the checkpoint holds {describe(root)}, not a state_dict, a module or a "
-            "training snapshot"
-        )
-    found = _find_weights(snapshot, ema=ema)
-    top, sub, weights, is_ema = found
-    rest, dropped = _split_rest(snapshot, top, sub)
-    origin = str(top) if sub is None else f"{top}.{sub}"
-    return Extracted(_checked(weights), origin, is_ema, rest, dropped, snapshot_class)
+    return _Finder().extract(root, ema=ema)
 
 
 def weights_of(value: Any) -> Weights | None:
     """``value`` as weights: a state_dict or a pickled module; None if it is neither."""
-    if isinstance(value, Placeholder):
-        return module_weights(value)
+    return _Finder().weights_of(value)
+
+
+def module_weights(module: Placeholder) -> Weights | None:
+    """A pickled nn.Module's state_dict, read from its ``__dict__`` without its class."""
+    return _Finder().module_weights(module)
+
+
+class _Finder:
+    """Looks for weights in one checkpoint: results cached per object, one visit budget.
+
+    A hostile snapshot may reference one huge module from a million keys; every lookup
+    after the first is a cache hit, and all module walks together stay within the budget.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, Weights | None] = {}
+        self._visits = 0
+
+    def extract(self, root: Any, *, ema: bool) -> Extracted:
+        direct = self.weights_of(root)
+        if direct is not None:
+            if ema:
+                raise InvalidCheckpoint(
+                    "EMA weights were asked for, but the file is a plain "
+                    + ("pickled module" if direct.module_class else "state_dict")
+                    + ": push it without ema=true"
+                )
+            return Extracted(_checked(direct), None, False, {}, [])
+        snapshot, snapshot_class = _as_snapshot(root)
+        if snapshot is None:
+            raise InvalidCheckpoint(
+                f"the checkpoint holds {describe(root)}, not a state_dict, a module or a "
+                "training snapshot"
+            )
+        top, sub, weights, is_ema = self._find(snapshot, ema=ema)
+        rest, dropped = self._split_rest(snapshot, top, sub)
+        origin = str(top) if sub is None else f"{top}.{sub}"
+        return Extracted(_checked(weights), origin, is_ema, rest, dropped, snapshot_class)
+
+    def weights_of(self, value: Any) -> Weights | None:
+        if id(value) not in self._cache:
+            if isinstance(value, Placeholder):
+                self._cache[id(value)] = self.module_weights(value)
+            else:
+                self._cache[id(value)] = _state_dict_weights(value)
+        return self._cache[id(value)]
+
+    def module_weights(self, module: Placeholder) -> Weights | None:
+        if not isinstance(module.attributes.get("_parameters"), Mapping):
+            return None
+        weights = Weights({}, module_class=module.name)
+        self._visit(weights, module, "", frozenset({id(module)}))
+        return weights if weights.tensors or weights.unsupported else None
+
+    def _visit(
+        self, weights: Weights, node: Placeholder, prefix: str, ancestors: frozenset[int]
+    ) -> None:
+        # state_dict() order: own parameters, persistent buffers, then each child in turn.
+        self._visits += 1
+        if self._visits > MAX_MODULE_VISITS or len(ancestors) > MAX_MODULE_DEPTH:
+            raise InvalidCheckpoint("the pickled module tree is too large or too deep")
+        attributes = node.attributes
+        non_persistent = attributes.get("_non_persistent_buffers_set")
+        skip = non_persistent if isinstance(non_persistent, (set, frozenset, list)) else ()
+        for group in ("_parameters", "_buffers"):
+            entries = attributes.get(group)
+            for name, value in entries.items() if isinstance(entries, Mapping) else ():
+                if isinstance(name, str) and value is not None and name not in skip:
+                    _add_module_entry(weights, prefix + name, value)
+        children = attributes.get("_modules")
+        for name, child in children.items() if isinstance(children, Mapping) else ():
+            # The same child may sit under two names (state_dict lists both); a cycle may not.
+            cyclic = id(child) in ancestors
+            if isinstance(name, str) and isinstance(child, Placeholder) and not cyclic:
+                self._visit(weights, child, f"{prefix}{name}.", ancestors | {id(child)})
+
+    def _find(
+        self, snapshot: Mapping[Any, Any], *, ema: bool
+    ) -> tuple[Any, str | None, Weights, bool]:
+        """(top key, nested key or None, weights, whether they are EMA weights)."""
+        for key in EMA_KEYS if ema else STATE_DICT_KEYS:
+            hit = self._weights_under(snapshot, key)
+            if hit is not None:
+                return key, hit[0], hit[1], ema
+        if ema:
+            raise InvalidCheckpoint(
+                "EMA weights were asked for, but the snapshot has none under "
+                f"{', '.join(EMA_KEYS)}; its keys are {_shown_keys(snapshot)}",
+                detail={"keys": _shown_keys(snapshot)},
+            )
+        for key in EMA_KEYS:  # a snapshot that holds only EMA weights
+            hit = self._weights_under(snapshot, key)
+            if hit is not None:
+                return key, hit[0], hit[1], True
+        others = [
+            (key, hit)
+            for key in snapshot
+            if key not in TRAINING_STATE_KEYS
+            and (hit := self._weights_under(snapshot, key)) is not None
+        ]
+        if len(others) == 1:
+            key, (sub, weights) = others[0]
+            return key, sub, weights, False
+        if others:
+            keys = _shown_keys(key for key, _ in others)
+            raise InvalidCheckpoint(
+                f"the snapshot holds several sets of weights ({keys}) and none under a key "
+                "statehub knows; save the one to push as a state_dict",
+                detail={"keys": keys},
+            )
+        _refuse_unreachable(snapshot)
+        raise InvalidCheckpoint(
+            f"no state_dict found: the snapshot's keys are {_shown_keys(snapshot)}",
+            detail={"keys": _shown_keys(snapshot)},
+        )
+
+    def _weights_under(
+        self, snapshot: Mapping[Any, Any], key: Any
+    ) -> tuple[str | None, Weights] | None:
+        value = snapshot.get(key)
+        weights = self.weights_of(value)
+        if weights is not None:
+            return None, weights
+        if isinstance(value, Mapping):
+            for sub in (*STATE_DICT_KEYS, *EMA_KEYS):
+                nested = self.weights_of(value.get(sub))
+                if nested is not None:
+                    return sub, nested
+        return None
+
+    def _split_rest(
+        self, snapshot: Mapping[Any, Any], top: Any, sub: str | None
+    ) -> tuple[dict[str, Any], list[str]]:
+        rest: dict[str, Any] = {}
+        dropped: list[str] = []
+        for key, value in snapshot.items():
+            name = str(key)
+            if key == top:
+                if sub is not None and isinstance(value, Mapping):
+                    siblings = {str(k): v for k, v in value.items() if k != sub}
+                    kept, gone = self._split_rest(siblings, None, None)
+                    dropped += [f"{name}.{g}" for g in gone]
+                    if kept:
+                        rest[name] = kept
+                continue
+            if key in TRAINING_STATE_KEYS or self._weights_under(snapshot, key) is not None:
+                dropped.append(name)
+            else:
+                rest[name] = value
+        return rest, dropped
+
+
+def _state_dict_weights(value: Any) -> Weights | None:
     if not isinstance(value, Mapping) or not value:
         return None
     weights = Weights({})
@@ -140,37 +273,6 @@ def _is_unsupported_tensor(value: Any) -> bool:
         value.name.startswith("torch._utils._rebuild_")
         or value.name == "torch._tensor._rebuild_from_type_v2"
     )
-
-
-def module_weights(module: Placeholder) -> Weights | None:
-    """A pickled nn.Module's state_dict, read from its ``__dict__`` without its class."""
-    if not isinstance(module.attributes.get("_parameters"), Mapping):
-        return None
-    weights = Weights({}, module_class=module.name)
-    visits = 0
-
-    def visit(node: Placeholder, prefix: str, ancestors: frozenset[int]) -> None:
-        nonlocal visits
-        visits += 1
-        if visits > MAX_MODULE_VISITS or len(ancestors) > MAX_MODULE_DEPTH:
-            raise InvalidCheckpoint("the pickled module tree is too large or too deep")
-        attributes = node.attributes
-        non_persistent = attributes.get("_non_persistent_buffers_set")
-        skip = non_persistent if isinstance(non_persistent, (set, frozenset, list)) else ()
-        for group in ("_parameters", "_buffers"):
-            entries = attributes.get(group)
-            for name, value in entries.items() if isinstance(entries, Mapping) else ():
-                if isinstance(name, str) and value is not None and name not in skip:
-                    _add_module_entry(weights, prefix + name, value)
-        children = attributes.get("_modules")
-        for name, child in children.items() if isinstance(children, Mapping) else ():
-            # The same child may sit under two names (state_dict lists both); a cycle may not.
-            if isinstance(name, str) and isinstance(child, Placeholder):
-                if id(child) not in ancestors:
-                    visit(child, f"{prefix}{name}.", ancestors | {id(child)})
-
-    visit(module, "", frozenset({id(module)}))
-    return weights if weights.tensors or weights.unsupported else None
 
 
 def _add_module_entry(weights: Weights, key: str, value: Any) -> None:
@@ -197,60 +299,6 @@ def _as_snapshot(root: Any) -> tuple[Mapping[Any, Any] | None, str | None]:
     if isinstance(root, Placeholder) and root.attributes:
         return root.attributes, root.name  # a checkpoint object: its attributes are the snapshot
     return None, None
-
-
-def _find_weights(
-    snapshot: Mapping[Any, Any], *, ema: bool
-) -> tuple[Any, str | None, Weights, bool]:
-    """(top key, nested key or None, weights, whether they are EMA weights)."""
-    preferred = EMA_KEYS if ema else STATE_DICT_KEYS
-    for key in preferred:
-        hit = _weights_under(snapshot, key)
-        if hit is not None:
-            return key, hit[0], hit[1], ema
-    if ema:
-        raise InvalidCheckpoint(
-            "EMA weights were asked for, but the snapshot has none under "
-            f"{', '.join(EMA_KEYS)}; its keys are {_shown_keys(snapshot)}",
-            detail={"keys": _shown_keys(snapshot)},
-        )
-    for key in EMA_KEYS:  # a snapshot that holds only EMA weights
-        hit = _weights_under(snapshot, key)
-        if hit is not None:
-            return key, hit[0], hit[1], True
-    others = [
-        k
-        for k in snapshot
-        if k not in TRAINING_STATE_KEYS and _weights_under(snapshot, k) is not None
-    ]
-    if len(others) == 1:
-        hit = _weights_under(snapshot, others[0])
-        assert hit is not None
-        return others[0], hit[0], hit[1], False
-    if others:
-        raise InvalidCheckpoint(
-            f"the snapshot holds several sets of weights ({_shown_keys(others)}) and none "
-            "under a key statehub knows; save the one to push as a state_dict",
-            detail={"keys": _shown_keys(others)},
-        )
-    _refuse_unreachable(snapshot)
-    raise InvalidCheckpoint(
-        f"no state_dict found: the snapshot's keys are {_shown_keys(snapshot)}",
-        detail={"keys": _shown_keys(snapshot)},
-    )
-
-
-def _weights_under(snapshot: Mapping[Any, Any], key: Any) -> tuple[str | None, Weights] | None:
-    value = snapshot.get(key)
-    weights = weights_of(value)
-    if weights is not None:
-        return None, weights
-    if isinstance(value, Mapping):
-        for sub in (*STATE_DICT_KEYS, *EMA_KEYS):
-            nested = weights_of(value.get(sub))
-            if nested is not None:
-                return sub, nested
-    return None
 
 
 def _refuse_unreachable(snapshot: Mapping[Any, Any]) -> None:
@@ -287,28 +335,6 @@ def _placeholders_holding_tensors(values: Any, limit: int = 100_000) -> list[Pla
         elif isinstance(value, (list, tuple)):
             todo.extend((v, holder) for v in value)
     return found
-
-
-def _split_rest(
-    snapshot: Mapping[Any, Any], top: Any, sub: str | None
-) -> tuple[dict[str, Any], list[str]]:
-    rest: dict[str, Any] = {}
-    dropped: list[str] = []
-    for key, value in snapshot.items():
-        name = str(key)
-        if key == top:
-            if sub is not None and isinstance(value, Mapping):
-                siblings = {str(k): v for k, v in value.items() if k != sub}
-                kept, gone = _split_rest(siblings, None, None)
-                dropped += [f"{name}.{g}" for g in gone]
-                if kept:
-                    rest[name] = kept
-            continue
-        if key in TRAINING_STATE_KEYS or _weights_under(snapshot, key) is not None:
-            dropped.append(name)
-        else:
-            rest[name] = value
-    return rest, dropped
 
 
 def _shown_keys(keys: Any) -> list[str]:
@@ -383,8 +409,10 @@ def render_snapshot(
     omitted: list[str] = []
     used = 2
     for key, value in rest.items():
-        renderer = _Renderer(scalar_of)
-        item = renderer.render(value, 0, frozenset())
+        if used >= MAX_SNAPSHOT_BYTES or len(rendered) >= MAX_ITEMS:
+            omitted.append(clean_text(key))  # full already: not even rendered
+            continue
+        item = _Renderer(scalar_of).render(value, 0, frozenset())
         size = len(json.dumps(item)) + len(key) + 6
         if used + size > MAX_SNAPSHOT_BYTES:
             omitted.append(clean_text(key))
@@ -511,25 +539,35 @@ def numpy_value(value: Placeholder) -> Any:
     never imported, let alone called.
     """
     if value.name in _NUMPY_SCALAR and len(value.args) == 2:
-        dtype, raw = value.args
-        fmt = _numpy_format(dtype)
-        if fmt is not None and isinstance(raw, bytes) and len(raw) == struct.calcsize(fmt):
-            return struct.unpack(fmt, raw)[0]
-        return None
+        return _numpy_scalar(*value.args)
     if value.name in _NUMPY_ARRAY and isinstance(value.state, tuple) and len(value.state) == 5:
-        _, shape, dtype, fortran, raw = value.state
-        fmt = _numpy_format(dtype)
-        if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
-            return None
-        numel = math.prod(shape)
-        decodable = fmt is not None and isinstance(raw, bytes) and not (fortran and len(shape) > 1)
-        if decodable and numel <= MAX_DECODED_ARRAY and fmt is not None:
-            if len(raw) == numel * struct.calcsize(fmt):
-                flat = [v for (v,) in struct.iter_unpack(fmt, raw)]
-                return _nest(flat, list(shape))
-        code = dtype.args[0] if isinstance(dtype, Placeholder) and dtype.args else None
-        return {"__ndarray__": {"dtype": str(code), "shape": list(shape)}}
+        return _numpy_array(*value.state)
     return None
+
+
+def _numpy_scalar(dtype: Any, raw: Any) -> Any:
+    fmt = _numpy_format(dtype)
+    if fmt is not None and isinstance(raw, bytes) and len(raw) == struct.calcsize(fmt):
+        return struct.unpack(fmt, raw)[0]
+    return None
+
+
+def _numpy_array(version: Any, shape: Any, dtype: Any, fortran: Any, raw: Any) -> Any:
+    # ndarray.__setstate__((version, shape, dtype, is_fortran, raw bytes))
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    fmt = _numpy_format(dtype)
+    numel = math.prod(shape)
+    if (
+        fmt is not None
+        and isinstance(raw, bytes)
+        and not (fortran and len(shape) > 1)
+        and numel <= MAX_DECODED_ARRAY
+        and len(raw) == numel * struct.calcsize(fmt)
+    ):
+        return _nest([v for (v,) in struct.iter_unpack(fmt, raw)], list(shape))
+    code = dtype.args[0] if isinstance(dtype, Placeholder) and dtype.args else None
+    return {"__ndarray__": {"dtype": str(code), "shape": list(shape)}}
 
 
 def _numpy_format(dtype: Any) -> str | None:

@@ -118,7 +118,7 @@ def _zip_persistent_load(storages: _Storages) -> Callable[[Any], Any]:
             raise InvalidCheckpoint("corrupt pickle: an unknown persistent id")
         _, storage_type, key, location, numel = pid
         ref = storages.claim(storage_type, key, location, numel)
-        return TypedStorage(ref, storage_type.dtype, storage_type.typed)
+        return TypedStorage(ref, storage_type.dtype)
 
     return load
 
@@ -132,7 +132,7 @@ def _legacy_persistent_load(storages: _Storages) -> Callable[[Any], Any]:
             raise InvalidCheckpoint("corrupt pickle: an unknown persistent id")
         _, storage_type, key, location, numel, view = pid
         ref = storages.claim(storage_type, key, location, numel)
-        typed = TypedStorage(ref, storage_type.dtype, storage_type.typed)
+        typed = TypedStorage(ref, storage_type.dtype)
         return typed if view is None else _legacy_view(typed, view)
 
     return load
@@ -148,7 +148,7 @@ def _legacy_view(storage: TypedStorage, view: Any) -> TypedStorage:
         (offset + size) * itemsize > storage.ref.nbytes
     ):
         raise InvalidCheckpoint(f"a storage view lies outside storage {storage.ref.key!r}")
-    return TypedStorage(storage.ref, storage.dtype, True, offset * itemsize, size * itemsize)
+    return TypedStorage(storage.ref, storage.dtype, offset * itemsize, size * itemsize)
 
 
 # -- zip -------------------------------------------------------------------------------------
@@ -236,6 +236,7 @@ def _zip_members(view: memoryview, *, max_members: int) -> dict[str, zipfile.Zip
         EOFError,
         struct.error,
         OverflowError,
+        NotImplementedError,  # "zip file version 12.8"
     ) as exc:
         raise InvalidCheckpoint(f"a damaged or truncated zip archive: {exc}") from exc
     if len(infos) > max_members:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.core.safetensors_format import Limits
-from service.errors import InvalidCheckpoint, StatehubError, UnsafePickle
+from service.errors import InvalidCheckpoint, StatehubError, TooLarge, UnsafePickle
 
 # -- torch dtypes and storage types, as data ----------------------------------------------
 
@@ -93,11 +93,10 @@ UINT8 = DTYPES["uint8"]
 
 @dataclass(frozen=True)
 class StorageType:
-    """``torch.FloatStorage`` and friends; ``typed=False`` for ``torch.UntypedStorage``."""
+    """``torch.FloatStorage`` and friends (``torch.UntypedStorage``: bytes, uint8)."""
 
     name: str
     dtype: DType
-    typed: bool = True
 
 
 _STORAGE_DTYPES = {
@@ -140,7 +139,6 @@ class TypedStorage:
 
     ref: StorageRef
     dtype: DType
-    typed: bool = True
     byte_offset: int = 0  # legacy storage views start inside their root storage
     nbytes: int = -1
 
@@ -240,7 +238,7 @@ class _Builder:
 
 @dataclass(frozen=True)
 class _TensorClass:
-    """``torch.Tensor`` / ``torch.nn.Parameter`` named as the type of a rebuilt tensor."""
+    """``torch.Tensor`` named as the type of a rebuilt tensor (``_rebuild_from_type_v2``)."""
 
     name: str
 
@@ -357,7 +355,7 @@ def _refuse_lazy_views(metadata: Any) -> None:
     # torch records lazily conjugated / negated views here; reading them raw would be wrong.
     if isinstance(metadata, dict) and any(metadata.values()):
         raise InvalidCheckpoint(
-            f"a tensor is saved as a lazy view ({sorted(map(str, metadata))}); "
+            f"a tensor is saved as a lazy view ({sorted(map(str, metadata))[:5]}); "
             "statehub reads only materialised tensors"
         )
 
@@ -418,7 +416,7 @@ def _rebuild_tensor_v3(limits: Limits) -> Callable[..., TensorRef]:
 def _as_parameter(data: Any, requires_grad: Any = True, *_: Any) -> Any:
     if isinstance(data, TensorRef):
         return replace(data, parameter=True, requires_grad=requires_grad is True)
-    return Placeholder("torch.nn.parameter.Parameter", (data, requires_grad))
+    return data  # a parameter of a kind statehub does not read (quantized...): keep its name
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
@@ -572,13 +570,17 @@ def allowed_globals(limits: Limits) -> dict[tuple[str, str], Any]:
     for module in ("torch", "torch.cuda"):  # pre-1.0 files name CUDA storages torch.cuda.X
         for storage, dtype_name in _STORAGE_DTYPES.items():
             table[(module, storage)] = StorageType(f"torch.{storage}", DTYPES[dtype_name])
-    table[("torch", "UntypedStorage")] = StorageType("torch.UntypedStorage", UINT8, typed=False)
+    untyped = StorageType("torch.UntypedStorage", UINT8)
+    table[("torch", "UntypedStorage")] = table[("torch.storage", "UntypedStorage")] = untyped
     return table
 
 
 # -- the machine ---------------------------------------------------------------------------
 
 MAX_KEY_DEPTH = 16
+# Each step may allocate an object (``]`` is one byte, an empty list ~60): this bounds the
+# memory a hostile pickle can claim. Real checkpoints take ~30 steps per tensor.
+MAX_OPCODES = 10_000_000
 
 
 def check_key(key: Any, depth: int = 0) -> Any:
@@ -669,9 +671,9 @@ class RestrictedUnpickler:
         )
 
     def _run(self) -> Any:
-        data, dispatch = self.data, self.dispatch
-        while True:
-            if self.pos >= len(data):
+        data, dispatch, end = self.data, self.dispatch, len(self.data)
+        for _ in range(MAX_OPCODES):
+            if self.pos >= end:
                 raise _Truncated()
             opcode = data[self.pos]
             self.pos += 1
@@ -682,6 +684,11 @@ class RestrictedUnpickler:
                 )
             if handler():
                 return self.stack.pop() if self.stack else None
+        raise TooLarge(
+            f"the checkpoint's pickle runs more than {MAX_OPCODES} steps: refused as too "
+            "large to read",
+            detail={"limit": MAX_OPCODES},
+        )
 
     def _read(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -690,8 +697,18 @@ class RestrictedUnpickler:
         self.pos += n
         return chunk
 
+    def _read_byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise _Truncated()
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
     def _read_uint(self, fmt: str, size: int) -> int:
-        value: int = struct.unpack(fmt, self._read(size))[0]
+        if self.pos + size > len(self.data):
+            raise _Truncated()
+        value: int = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += size
         return value
 
     def _readline(self) -> bytes:
@@ -764,7 +781,7 @@ class RestrictedUnpickler:
             b"F": lambda: self.stack.append(float(self._readline())),
             b"I": self._op_int,
             b"J": lambda: self.stack.append(self._read_uint("<i", 4)),
-            b"K": lambda: self.stack.append(self._read(1)[0]),
+            b"K": lambda: self.stack.append(self._read_byte()),
             b"L": self._op_long,
             b"M": lambda: self.stack.append(self._read_uint("<H", 2)),
             b"N": lambda: self.stack.append(None),
@@ -773,7 +790,7 @@ class RestrictedUnpickler:
             b"R": self._op_reduce,
             b"S": self._op_string,
             b"T": lambda: self.stack.append(self._py2_str(self._read(self._read_uint("<i", 4)))),
-            b"U": lambda: self.stack.append(self._py2_str(self._read(self._read(1)[0]))),
+            b"U": lambda: self.stack.append(self._py2_str(self._read(self._read_byte()))),
             b"V": lambda: self.stack.append(self._readline().decode("raw-unicode-escape")),
             b"X": lambda: self.stack.append(self._text(self._read_uint("<I", 4))),
             b"a": self._op_append,
@@ -783,17 +800,17 @@ class RestrictedUnpickler:
             b"}": lambda: self.stack.append({}),
             b"e": self._op_appends,
             b"g": lambda: self._get(int(self._readline())),
-            b"h": lambda: self._get(self._read(1)[0]),
+            b"h": lambda: self._get(self._read_byte()),
             b"i": self._op_inst,
             b"j": lambda: self._get(self._read_uint("<I", 4)),
-            b"l": lambda: self.stack.append(self._pop_mark()),
+            b"l": lambda: self._push_marked(list),
             b"]": lambda: self.stack.append([]),
             b"o": self._op_obj,
             b"p": lambda: self._put(int(self._readline())),
-            b"q": lambda: self._put(self._read(1)[0]),
+            b"q": lambda: self._put(self._read_byte()),
             b"r": lambda: self._put(self._read_uint("<I", 4)),
             b"s": self._op_setitem,
-            b"t": lambda: self.stack.append(tuple(self._pop_mark())),
+            b"t": lambda: self._push_marked(tuple),
             b")": lambda: self.stack.append(()),
             b"u": self._op_setitems,
             b"G": lambda: self.stack.append(struct.unpack(">d", self._read(8))[0]),
@@ -807,16 +824,16 @@ class RestrictedUnpickler:
             b"\x87": lambda: self._tuple(3),
             b"\x88": lambda: self.stack.append(True),
             b"\x89": lambda: self.stack.append(False),
-            b"\x8a": lambda: self.stack.append(self._long(self._read(1)[0])),
+            b"\x8a": lambda: self.stack.append(self._long(self._read_byte())),
             b"\x8b": lambda: self.stack.append(self._long(self._read_uint("<i", 4))),
             b"B": lambda: self.stack.append(self._read(self._read_uint("<I", 4))),
-            b"C": lambda: self.stack.append(self._read(self._read(1)[0])),
-            b"\x8c": lambda: self.stack.append(self._text(self._read(1)[0])),
+            b"C": lambda: self.stack.append(self._read(self._read_byte())),
+            b"\x8c": lambda: self.stack.append(self._text(self._read_byte())),
             b"\x8d": lambda: self.stack.append(self._text(self._read_uint("<Q", 8))),
             b"\x8e": lambda: self.stack.append(self._read(self._read_uint("<Q", 8))),
             b"\x8f": lambda: self.stack.append(set()),
             b"\x90": self._op_additems,
-            b"\x91": lambda: self.stack.append(_frozenset(self._pop_mark())),
+            b"\x91": lambda: self._push_marked(_frozenset),
             b"\x92": self._op_newobj_ex,
             b"\x93": self._op_stack_global,
             b"\x94": lambda: self._put(len(self.memo)),
@@ -826,6 +843,11 @@ class RestrictedUnpickler:
             b"\x98": lambda: None,  # READONLY_BUFFER: nothing to mark read-only here
         }
         return {code[0]: handler for code, handler in table.items()}
+
+    def _push_marked(self, build: Callable[[list[Any]], Any]) -> None:
+        # Pop the mark first: ``self.stack`` is another list afterwards.
+        items = self._pop_mark()
+        self.stack.append(build(items))
 
     def _mark(self) -> None:
         self.metastack.append(self.stack)
@@ -896,7 +918,7 @@ class RestrictedUnpickler:
         self.stack.append(self.persistent_load(pid))
 
     def _op_proto(self) -> None:
-        if self._read(1)[0] > 5:
+        if self._read_byte() > 5:
             raise InvalidCheckpoint("corrupt pickle: unsupported pickle protocol")
 
     def _op_global(self) -> None:
