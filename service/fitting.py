@@ -97,7 +97,7 @@ def plan_version(
 
 
 @dataclass(frozen=True)
-class Literal_:
+class HeaderBytes:
     data: bytes
 
     @property
@@ -127,7 +127,7 @@ class Transformed:
         return self.target.nbytes
 
 
-Segment = Literal_ | StoredRange | Transformed
+Segment = HeaderBytes | StoredRange | Transformed
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
     source = source_spec(version)
     loaded = plan.loaded
     header = build_header([target[e.target] for e in loaded], _fetch_metadata(version, plan))
-    segments: list[Segment] = [Literal_(header)]
+    segments: list[Segment] = [HeaderBytes(header)]
     for entry in loaded:
         target_tensor = target[entry.target]
         if entry.action == "copy":
@@ -228,7 +228,7 @@ def iter_layout(
         if seg_start >= end:
             break
         lo, hi = max(start, seg_start) - seg_start, min(end, seg_end) - seg_start
-        if isinstance(segment, Literal_):
+        if isinstance(segment, HeaderBytes):
             yield segment.data[lo:hi]
         elif isinstance(segment, StoredRange):
             yield from blobs.iter_range(digest, segment.start + lo, segment.start + hi, chunk)
