@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install lint typecheck pytest migrations-check bench
+.PHONY: serve test install lint typecheck pytest migrations-check deploy-check constraints bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,10 +30,23 @@ migrations-check: $(STAMP)
 	STATEHUB_DATABASE_URL=sqlite:///$(abspath $(VENV))/alembic-check.db $(VENV)/bin/alembic upgrade head
 	STATEHUB_DATABASE_URL=sqlite:///$(abspath $(VENV))/alembic-check.db $(VENV)/bin/alembic check
 
+# The image, compose file and manifests, statically (no container engine needed; offline:
+# kubernetes-validate ships its schemas). `docker compose config` where compose exists.
+deploy-check: $(STAMP)
+	$(VENV)/bin/hadolint deploy/Dockerfile
+	$(VENV)/bin/yamllint --strict docker-compose.yml deploy/k8s .yamllint.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+	if docker compose version >/dev/null 2>&1; then \
+		STATEHUB_BOOTSTRAP_TOKEN=check docker compose -f docker-compose.yml config --quiet; fi
+
+# Pins for the image: the server's dependencies at the versions installed here.
+constraints: $(STAMP)
+	$(PY) deploy/constraints.py > deploy/constraints.txt
+
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck migrations-check pytest
+test: lint typecheck migrations-check deploy-check pytest
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

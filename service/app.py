@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
-from service.api import adapters, fitting, models
-from service.errors import StatehubError, TooLarge
+from service import auth, metrics, ui
+from service.api import adapters, admin, fitting, models, tokens
+from service.errors import StatehubError, StorageError, TooLarge
+from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
 from service.storage import db as database
 from service.storage.blobs import open_blob_store
+from service.storage.db import safe_url
 
 log = logging.getLogger("statehub")
 
@@ -38,6 +39,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.db = database.Database(settings.effective_database_url)
         app.state.blobs = open_blob_store(settings)
+        app.state.access = auth.start(settings, app.state.db)  # refuses an open non-loopback
+        log.info(
+            "statehub ready",
+            extra={
+                "database": safe_url(settings.effective_database_url),
+                "blobs": repr(app.state.blobs),
+                "migrate_on_start": settings.migrate_on_start,
+            },
+        )
         try:
             yield
         finally:
@@ -53,10 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.aliases_router)
     app.include_router(fitting.router)
     app.include_router(adapters.router)
+    app.include_router(tokens.router)
+    app.include_router(admin.router)
+    app.mount("/ui/static", ui.static_files(), name="ui-static")  # before the UI catch-all
+    app.include_router(ui.router)
     _add_health_routes(app)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_spec_bytes)
-    app.middleware("http")(_request_id)
+    app.state.drain = Drain()
+    app.add_middleware(RequestContextMiddleware, drain=app.state.drain)  # outermost
     return app
 
 
@@ -68,7 +83,9 @@ def _add_health_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"])
     def readyz(request: Request) -> JSONResponse:
-        """The database and the blob store answer."""
+        """The database and the blob store answer, and the process is not shutting down."""
+        if request.app.state.drain.active:
+            return JSONResponse({"status": "shutting_down", "checks": {}}, status_code=503)
         checks: dict[str, str] = {}
         for name, check in (
             ("database", request.app.state.db.check),
@@ -85,18 +102,21 @@ def _add_health_routes(app: FastAPI) -> None:
             status_code=200 if ready else 503,
         )
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def prometheus_metrics() -> str:
-        return metrics.render()
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, latencies, bytes, verdicts, storage errors."""
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
 
 def error_response(
     request: Request, status: int, code: str, message: str, detail: dict[str, Any]
 ) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", "")
+    request_id = getattr(request.state, "request_id", "") or request_id_var.get()
     headers = {"X-Error-Code": code, "X-Request-ID": request_id}
     if status == 503:
         headers["Retry-After"] = "5"
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="statehub"'
     body = {"error": {"code": code, "message": message, "detail": detail}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -104,6 +124,8 @@ def error_response(
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StatehubError)
     async def statehub_error(request: Request, exc: StatehubError) -> JSONResponse:
+        if isinstance(exc, StorageError):
+            metrics.STORAGE_ERRORS.inc(exc.code)
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
         return error_response(request, exc.status, exc.code, exc.message, exc.detail)
@@ -129,17 +151,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(request, 500, "internal", "internal server error", {})
-
-
-async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]):  # type: ignore[no-untyped-def]
-    incoming = request.headers.get("x-request-id", "")
-    request_id = (
-        incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-    )
-    request.state.request_id = request_id
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request_id
-    return response
 
 
 class BodyLimitMiddleware:
@@ -172,7 +183,6 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        request.state.request_id = ""
         response = error_response(
             request,
             413,

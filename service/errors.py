@@ -18,8 +18,10 @@ centrally, in ``service.app``. Nothing else in the server turns exceptions into 
     ├── Forbidden                      403  forbidden
     ├── TooLarge                       413  too_large
     ├── RangeNotSatisfiable            416  range_not_satisfiable
-    └── StorageError                   500  storage_error (the store holds something wrong)
-        └── StorageUnavailable         503  storage_unavailable (try again later)
+    ├── StorageError                   500  storage_error (the store holds something wrong)
+    │   └── StorageUnavailable         503  storage_unavailable (try again later)
+    ├── ShuttingDown                   503  shutting_down (this replica is draining)
+    └── Misconfigured                  ---  internal: the server refuses to start (never sent)
 
 Third-party exceptions (boto3, SQLAlchemy) are translated where they are caught, in
 ``service.storage``, chained with ``from exc``.
@@ -118,3 +120,18 @@ class StorageUnavailable(StorageError):
 
     code = "storage_unavailable"
     status = 503
+
+
+class ShuttingDown(StatehubError):
+    """The process is draining after SIGTERM; another replica will answer."""
+
+    code = "shutting_down"
+    status = 503
+
+
+class Misconfigured(StatehubError):
+    """The configuration is unsafe or inconsistent: the server refuses to start.
+
+    Raised before the server listens, so no client ever receives it: its code stays
+    ``internal``.
+    """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.core import ops
+from service.core.access import Scope
 from service.core.adapters import AdapterSpec
 from service.core.names import ModelName, VersionRef
 from service.core.plan import Entry, Plan, Policy
@@ -39,6 +41,8 @@ from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.models import Version
+
+log = logging.getLogger(__name__)
 
 VERDICT_RANK = {"exact": 0, "adapted": 1, "partial": 2, "incompatible": 3}
 
@@ -237,6 +241,31 @@ def iter_layout(
         metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
 
 
+def stream_fetch(
+    result: FetchResult, blobs: BlobStore, *, chunk: int
+) -> Iterator[bytes | memoryview]:
+    """The body of a fetch response, counted in flight while it streams.
+
+    A storage error here comes after the status line was sent: it is counted (the client
+    sees a short body), since no error handler will see it.
+    """
+    metrics.FETCHES_IN_FLIGHT.inc()
+    try:
+        yield from iter_layout(
+            result.layout,
+            blobs,
+            result.version.digest,
+            start=result.start,
+            end=result.end,
+            chunk=chunk,
+        )
+    except StorageError as exc:
+        metrics.STORAGE_ERRORS.inc(exc.code)
+        raise
+    finally:
+        metrics.FETCHES_IN_FLIGHT.dec()
+
+
 def transform(segment: Transformed, blobs: BlobStore, digest: str) -> memoryview:
     """Decode one source tensor, apply its ops, return the target's raw bytes."""
     metrics.TENSORS_DECODED.inc()
@@ -303,6 +332,12 @@ def prepare_fetch(
     wanted = None if if_range and if_range.strip('"') != layout.etag else range_header
     byte_range = parse_range(wanted, total)
     start, end = byte_range or (0, total)
+    log.debug(
+        "fetch of %s:%s laid out",
+        name,
+        version.number,
+        extra={"verdict": plan.verdict, "mode": layout.mode, "bytes": end - start},
+    )
     return FetchResult(version, layout, start, end, partial=byte_range is not None)
 
 
@@ -310,15 +345,22 @@ def prepare_fetch(
 
 
 def search_compatible(
-    *, session: Session, target: ArchSpec, policy: Policy, limit: int, pool: int = 200
+    *,
+    session: Session,
+    target: ArchSpec,
+    policy: Policy,
+    limit: int,
+    pool: int = 200,
+    readable: Sequence[Scope] | None = None,
 ) -> list[tuple[Version, Plan]]:
     """Stored versions ranked by how well they fit ``target``.
 
     Versions with the target's ``arch_fp`` or ``shape_fp`` are planned first (they are the
-    likely matches); the rest of the pool are the most recent versions.
+    likely matches); the rest of the pool are the most recent versions. Only versions of
+    models matching ``readable`` (None: every model) are considered.
     """
     candidates: Sequence[Version] = repo.candidate_versions(
-        session, arch_fp=target.arch_fp, shape_fp=target.shape_fp, limit=pool
+        session, arch_fp=target.arch_fp, shape_fp=target.shape_fp, limit=pool, readable=readable
     )
     ranked = []
     for version in candidates:

@@ -6,23 +6,28 @@ Every function takes its collaborators explicitly (keyword-only). Transactions b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.adapters import AdapterSpec, parse_adapter
 from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
 from service.core.safetensors_format import Limits
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound, StatehubError
 from service.ingest import Ingested, ingest
 from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.db import Database
-from service.storage.models import Adapter, Model, Version
+from service.storage.models import Adapter, Alias, Model, Version, utcnow
 from service.storage.spool import Spooled
+
+log = logging.getLogger(__name__)
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -41,7 +46,10 @@ def limits_from(settings: Settings) -> Limits:
 def create_model(
     *, session: Session, name: ModelName, description: str, tags: list[str], actor: str
 ) -> Model:
-    if repo.find_model(session, name) is not None:
+    existing = repo.find_model(session, name, include_deleted=True)
+    if existing is not None and existing.deleted_at is not None:
+        raise repo.deleted_model_conflict(name)
+    if existing is not None:
         raise Conflict(f"model {name} already exists", detail={"model": str(name)})
     for tag in tags:
         validate_segment(tag, what="tag")
@@ -55,13 +63,41 @@ def create_model(
     return model
 
 
-def delete_model(*, session: Session, name: ModelName, actor: str) -> None:
-    """Removes the model, its versions and aliases. Blobs stay until ``gc`` finds them unused."""
-    model = repo.get_model(session, name)
-    session.delete(model)
+def delete_model(*, session: Session, name: ModelName, actor: str, hard: bool) -> None:
+    """Soft by default: the model and its versions vanish from every read until restored.
+
+    ``hard`` removes the rows (a soft-deleted model too) for good; blobs stay until ``gc``
+    finds them unreferenced.
+    """
+    model = repo.find_model(session, name, include_deleted=hard)
+    if model is None:
+        raise NotFound(f"model {name} does not exist", detail={"model": str(name)})
+    if hard:
+        session.delete(model)
+    else:
+        model.deleted_at = utcnow()
     repo.record_event(
-        session, actor=actor, action="model.delete", object_type="model", object_ref=str(name)
+        session,
+        actor=actor,
+        action="model.delete",
+        object_type="model",
+        object_ref=str(name),
+        detail={"hard": hard},
     )
+
+
+def restore_model(*, session: Session, name: ModelName, actor: str) -> Model:
+    """Undo a soft delete (a no-op for a live model)."""
+    model = repo.find_model(session, name, include_deleted=True)
+    if model is None:
+        raise NotFound(f"model {name} does not exist", detail={"model": str(name)})
+    if model.deleted_at is not None:
+        model.deleted_at = None
+        repo.record_event(
+            session, actor=actor, action="model.restore", object_type="model", object_ref=str(name)
+        )
+        session.flush()
+    return model
 
 
 # -- versions ---------------------------------------------------------------------------
@@ -91,36 +127,81 @@ def push_version(
     Identical bytes already stored as a version of this model are not stored again: that
     version is returned (``created=False``), which also makes a retried push harmless.
     """
-    if alias is not None:
-        validate_alias(alias)
-    ingested = _ingest(spooled, settings=settings, ema=ema)
     try:
+        if alias is not None:
+            validate_alias(alias)
+        ingested = _ingest(spooled, settings=settings, ema=ema)
+    except BaseException:
+        spooled.path.unlink(missing_ok=True)  # the spool never keeps a refused upload
+        raise
+    lease_id: int | None = None
+    try:
+        # The lease keeps gc from deleting the blob between the store's "already there"
+        # and the commit of the version that references it.
+        with db.session() as session:
+            ttl = timedelta(seconds=settings.upload_lease_s)
+            lease_id = repo.take_lease(session, ingested.digest, ttl=ttl).id
         blobs.put_file(ingested.digest, ingested.path)
+        with db.session() as session:
+            result = _commit_version(
+                session, name, ingested, metadata=metadata, alias=alias, actor=actor
+            )
+            repo.release_lease(session, lease_id)
+        lease_id = None
+        return result
     finally:
         ingested.path.unlink(missing_ok=True)
-    with db.session() as session:
-        model = repo.get_or_create_model(session, name, actor=actor)
-        existing = repo.find_version_by_digest(session, model, ingested.digest)
-        if existing is not None:
-            if alias is not None:
-                repo.set_alias(session, model, alias, existing)
-            aliases = repo.aliases_by_version(session, model).get(existing.id, [])
-            return PushResult(existing, created=False, aliases=aliases)
-        version = _add_version(session, model, ingested, metadata=metadata, actor=actor)
-        repo.set_alias(session, model, LATEST, version)
+        if lease_id is not None:
+            _release_quietly(db, lease_id)
+
+
+def _release_quietly(db: Database, lease_id: int) -> None:
+    try:
+        with db.session() as session:
+            repo.release_lease(session, lease_id)
+    except StatehubError as exc:  # the lease expires by itself
+        log.warning("cannot release blob lease %s: %s", lease_id, exc.message)
+
+
+def _commit_version(
+    session: Session,
+    name: ModelName,
+    ingested: Ingested,
+    *,
+    metadata: dict[str, Any],
+    alias: str | None,
+    actor: str,
+) -> PushResult:
+    model = repo.get_or_create_model(session, name, actor=actor)
+    existing = repo.find_version_by_digest(session, model, ingested.digest)
+    if existing is not None:
         if alias is not None:
-            repo.set_alias(session, model, alias, version)
-        aliases = repo.aliases_by_version(session, model).get(version.id, [])
+            repo.set_alias(session, model, alias, existing)
+        aliases = repo.aliases_by_version(session, model).get(existing.id, [])
         repo.record_event(
             session,
             actor=actor,
-            action="version.create",
+            action="version.push_existing",
             object_type="version",
-            object_ref=f"{name}:{version.number}",
-            detail={"digest": version.digest, "size": version.size},
+            object_ref=f"{name}:{existing.number}",
+            detail={"digest": existing.digest, "alias": alias},
         )
-        session.flush()
-        return PushResult(version, created=True, aliases=aliases)
+        return PushResult(existing, created=False, aliases=aliases)
+    version = _add_version(session, model, ingested, metadata=metadata, actor=actor)
+    repo.set_alias(session, model, LATEST, version)
+    if alias is not None:
+        repo.set_alias(session, model, alias, version)
+    aliases = repo.aliases_by_version(session, model).get(version.id, [])
+    repo.record_event(
+        session,
+        actor=actor,
+        action="version.create",
+        object_type="version",
+        object_ref=f"{name}:{version.number}",
+        detail={"digest": version.digest, "size": version.size},
+    )
+    session.flush()
+    return PushResult(version, created=True, aliases=aliases)
 
 
 def _ingest(spooled: Spooled, *, settings: Settings, ema: bool) -> Ingested:
@@ -175,6 +256,66 @@ def _add_version(
 
 def get_version(*, session: Session, name: ModelName, ref: VersionRef) -> Version:
     return repo.resolve_version(session, repo.get_model(session, name), ref)
+
+
+def delete_version(
+    *, session: Session, name: ModelName, ref: VersionRef, actor: str, hard: bool
+) -> Version:
+    """Soft by default: the version vanishes from reads, plans, fetches and search.
+
+    ``hard`` removes the row for good (a soft-deleted version too, by number) with the
+    aliases on it; its blob stays until ``gc`` finds it unreferenced. ``latest`` moves to
+    the newest remaining version.
+    """
+    model = repo.get_model(session, name)
+    version = repo.resolve_version(session, model, ref, include_deleted=hard)
+    if hard:
+        for row in session.scalars(select(Alias).where(Alias.version_id == version.id)):
+            session.delete(row)
+        session.delete(version)
+    else:
+        version.deleted_at = utcnow()
+    session.flush()
+    _move_latest(session, model)
+    repo.record_event(
+        session,
+        actor=actor,
+        action="version.delete",
+        object_type="version",
+        object_ref=f"{name}:{version.number}",
+        detail={"hard": hard, "digest": version.digest},
+    )
+    return version
+
+
+def restore_version(*, session: Session, name: ModelName, number: int, actor: str) -> Version:
+    """Undo a soft delete (a no-op for a live version); ``latest`` follows if it is newest."""
+    model = repo.get_model(session, name)
+    version = repo.resolve_version(session, model, VersionRef(number=number), include_deleted=True)
+    if version.deleted_at is not None:
+        version.deleted_at = None
+        session.flush()
+        _move_latest(session, model)
+        repo.record_event(
+            session,
+            actor=actor,
+            action="version.restore",
+            object_type="version",
+            object_ref=f"{name}:{number}",
+        )
+    session.refresh(version, attribute_names=["model"])
+    return version
+
+
+def _move_latest(session: Session, model: Model) -> None:
+    newest = repo.newest_version(session, model)
+    if newest is not None:
+        repo.set_alias(session, model, LATEST, newest)
+        return
+    row = session.get(Alias, (model.id, LATEST))
+    if row is not None:
+        session.delete(row)
+        session.flush()
 
 
 def set_alias(
@@ -268,6 +409,7 @@ def adapter_spec(adapter: Adapter) -> AdapterSpec:
 
 
 def get_adapter(*, session: Session, name: str) -> list[Adapter]:
+    validate_segment(name, what="adapter name")
     versions = repo.adapter_versions(session, name)
     if not versions:
         raise NotFound(f"adapter {name!r} does not exist", detail={"adapter": name})

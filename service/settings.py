@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -50,6 +51,44 @@ class Settings(BaseSettings):
 
     # Size of the chunks streamed from the blob store to a response.
     stream_chunk_bytes: int = Field(default=8 * MiB, gt=0)
+
+    # Operations. Logs: one JSON object per line, or "text" for a terminal.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    # On SIGTERM, in-flight requests (fetches) get this long to finish before being cut.
+    shutdown_grace_seconds: int = Field(default=30, ge=0)
+
+    # Access control (service.auth). "auto": tokens are enforced once one exists (or a
+    # bootstrap token is set), else the server is open and serves loopback only; "tokens":
+    # always enforced, and a first start without tokens logs a generated admin token once.
+    auth: Literal["auto", "tokens"] = "auto"
+    # An admin token (32+ random characters) created at start if it does not exist yet.
+    bootstrap_token: SecretStr | None = None
+    # gc never collects blobs or temp files younger than this.
+    gc_grace_s: int = Field(default=3600, ge=0)
+    # How long an upload's claim on its blob protects it from gc (a crashed upload's expires).
+    upload_lease_s: int = Field(default=24 * 3600, gt=0)
+    # Stored blobs up to this size are read and verified (sha256) before a response starts;
+    # larger ones are verified while streaming and the connection is cut on a mismatch.
+    verify_buffer_bytes: int = Field(default=16 * MiB, ge=0)
+
+    @field_validator("bootstrap_token")
+    @classmethod
+    def _strong_bootstrap_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        secret = value.get_secret_value()
+        if len(secret) < 32 or len(set(secret)) < 10 or len(secret) > 200:
+            raise ValueError(
+                "STATEHUB_BOOTSTRAP_TOKEN must be 32-200 random characters, e.g. from "
+                "python -c 'import secrets; print(\"shb_\" + secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> Settings:

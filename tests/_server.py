@@ -80,10 +80,11 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         return psutil.Process(self.pid).memory_info().rss
 
-    def output(self) -> str:
+    def output(self, *, limit: int | None = 6000) -> str:
         self.log.flush()
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-6000:]
+        text = self.log.read().decode(errors="replace")
+        return text[-limit:] if limit else text
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,12 +97,25 @@ class ServerProcess:
         self.log.close()
 
 
-def start_server(env: dict[str, str], *, timeout: float = 60.0) -> ServerProcess:
+def migrate(env: dict[str, str]) -> None:
+    """``python -m service migrate`` with ``env``: the one-shot migration step."""
+    subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def start_server(
+    env: dict[str, str], *, timeout: float = 60.0, log_level: str = "warning"
+) -> ServerProcess:
     port = free_port()
     full_env = {**os.environ, **env, "STATEHUB_PORT": str(port), "STATEHUB_HOST": "127.0.0.1"}
     log = tempfile.TemporaryFile()  # noqa: SIM115 - owned by ServerProcess
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--log-level", "warning"],
+        [sys.executable, "-m", "service", "--log-level", log_level],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

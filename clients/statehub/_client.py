@@ -283,14 +283,52 @@ class Client:
         params = {k: v for k, v in params.items() if v is not None}
         return self._json("GET", "/v1/models", params={**params, "limit": limit, "offset": offset})
 
-    def delete_model(self, name: str) -> None:
-        """Delete a model, its versions and aliases (admin).
+    def delete_model(self, name: str, *, hard: bool = False) -> None:
+        """Delete a model with its versions and aliases (admin).
+
+        Args:
+            name: ``namespace/name``.
+            hard: remove it for good; by default it is soft-deleted and
+                :meth:`restore_model` brings it back.
 
         Raises:
             NotFound, Forbidden, ConnectionFailed.
         """
         model, _ = split_ref(name)
-        self._json("DELETE", f"/v1/models/{model}", retry=False)
+        self._json("DELETE", f"/v1/models/{model}", params={"hard": hard}, retry=False)
+
+    def restore_model(self, name: str) -> dict[str, Any]:
+        """Undo a soft delete of a model (admin). Returns the model JSON.
+
+        Raises:
+            NotFound, Forbidden, ConnectionFailed.
+        """
+        model, _ = split_ref(name)
+        return self._json("POST", f"/v1/models/{model}/restore", retry=False)
+
+    def delete_version(self, ref: str, *, hard: bool = False) -> None:
+        """Delete one version (admin); ``latest`` moves to the newest remaining one.
+
+        Args:
+            ref: ``ns/name:3`` (or an alias / digest reference).
+            hard: remove it for good; by default it is soft-deleted (restorable).
+
+        Raises:
+            NotFound, Forbidden, ConnectionFailed.
+        """
+        model, version = split_ref(ref)
+        path = f"/v1/models/{model}/versions/{version}"
+        self._json("DELETE", path, params={"hard": hard}, retry=False)
+
+    def restore_version(self, name: str, version: int) -> Version:
+        """Undo a soft delete of version number ``version`` of ``name`` (admin).
+
+        Raises:
+            NotFound, Forbidden, ConnectionFailed.
+        """
+        model, _ = split_ref(name)
+        data = self._json("POST", f"/v1/models/{model}/versions/{version}/restore", retry=False)
+        return Version.from_json(data)
 
     def versions(self, name: str) -> list[Version]:
         """Every version of a model, oldest first (without specs).
@@ -349,6 +387,68 @@ class Client:
             ConnectionFailed.
         """
         return self._json("GET", "/v1/adapters")
+
+    # -- tokens and operations ------------------------------------------------------------
+
+    def create_token(
+        self, name: str, scopes: list[str], *, expires_at: str | None = None
+    ) -> dict[str, Any]:
+        """Create a bearer token; its value (``["token"]``) is shown this once.
+
+        Args:
+            name: a label (letters, digits, ``.``, ``_``, ``-``).
+            scopes: ``action:pattern`` strings: action ``read``, ``write`` or ``admin``
+                (each implies the ones before), pattern ``*``, ``ns/*`` or ``ns/name``.
+            expires_at: an ISO 8601 time after which the token stops working.
+
+        Returns:
+            The token's record with ``token`` (the value), ``id`` and ``prefix``.
+
+        Raises:
+            Forbidden (a scope the caller does not hold with admin), InvalidRequest.
+
+        Example:
+            >>> hub.create_token("ci", ["read:vision/*"])["token"]
+            'shb_...'
+        """
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes)}
+        if expires_at is not None:
+            body["expires_at"] = expires_at
+        return self._json("POST", "/v1/tokens", json=body, retry=False)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """The tokens the caller administers (never their values).
+
+        Raises:
+            Forbidden (no admin scope), ConnectionFailed.
+        """
+        return self._json("GET", "/v1/tokens")
+
+    def revoke_token(self, token_id: int) -> dict[str, Any]:
+        """Revoke a token by id (idempotent).
+
+        Raises:
+            NotFound, Forbidden, ConnectionFailed.
+        """
+        return self._json("DELETE", f"/v1/tokens/{int(token_id)}")
+
+    def gc(self, *, dry_run: bool = False, grace_s: int | None = None) -> dict[str, Any]:
+        """Collect unreferenced blobs and stale temp files on the server (``admin:*``).
+
+        Args:
+            dry_run: report what would be deleted, delete nothing.
+            grace_s: only what is older than this many seconds (default: the server's).
+
+        Returns:
+            ``{"blobs_deleted": [...], "bytes_freed": n, "temp_files_deleted": [...], ...}``.
+
+        Raises:
+            Forbidden, ConnectionFailed.
+        """
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if grace_s is not None:
+            body["grace_s"] = grace_s
+        return self._json("POST", "/v1/admin/gc", json=body, retry=False)
 
     # -- fitting --------------------------------------------------------------------------
 
@@ -511,9 +611,13 @@ class Client:
     def _fetch_stream(
         self, stream: _ResumableBody, progress: Progress | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        hasher = hashlib.sha256()
         try:
             stream.open()
-            reader = StreamReader(stream.chunks(progress))
+            chunks = stream.chunks(progress)
+            if stream.passthrough:  # the stored blob as it is: its digest can be checked
+                chunks = _hashed(chunks, hasher)
+            reader = StreamReader(chunks)
             try:
                 tensors, metadata = read_safetensors_stream(reader)
             except EOFError as exc:
@@ -524,6 +628,8 @@ class Client:
             raise IntegrityError(
                 f"read {reader.consumed} bytes of a {stream.total}-byte fetch response"
             )
+        if stream.passthrough:
+            _check_digest(stream, hasher.hexdigest())
         return tensors, metadata
 
     @staticmethod
@@ -551,6 +657,12 @@ class Client:
         return {k: tensors[k] for k in order if k in tensors} | {
             k: v for k, v in tensors.items() if k not in known
         }
+
+
+def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        hasher.update(chunk)
+        yield chunk
 
 
 def _counted(chunks: Iterator[bytes], total: int, progress: Progress | None) -> Iterator[bytes]:
@@ -591,16 +703,24 @@ def _download(
             os.fsync(handle.fileno())
         if written != stream.total:
             raise IntegrityError(f"received {written} of {stream.total} bytes")
-        if verify_digest and stream.etag.strip('"') not in ("", digest.hexdigest()):
-            raise IntegrityError(
-                f"the download's sha256 {digest.hexdigest()} is not the stored digest "
-                f"{stream.etag.strip(chr(34))}"
-            )
+        if verify_digest or stream.passthrough:
+            _check_digest(stream, digest.hexdigest())
         os.replace(partial, path)
     finally:
         stream.close()
         partial.unlink(missing_ok=True)
     return path
+
+
+def _check_digest(stream: _ResumableBody, actual: str) -> None:
+    """The stored bytes arrived unchanged: their sha256 is the digest the server announced."""
+    expected = stream.digest or stream.etag.strip('"')
+    if not expected:
+        raise IntegrityError("the server announced no digest to check the download against")
+    if actual != expected:
+        raise IntegrityError(
+            f"the received bytes hash to sha256 {actual}, not the stored digest {expected}"
+        )
 
 
 class _ResumableBody:
@@ -622,6 +742,8 @@ class _ResumableBody:
         self._response: httpx.Response | None = None
         self.total = 0
         self.etag = ""
+        self.digest = ""  # the stored blob's sha256, as the server announces it
+        self.passthrough = False  # the body is the stored blob, byte for byte
 
     def _request(self, received: int) -> httpx.Response:
         headers = {}
@@ -648,6 +770,9 @@ class _ResumableBody:
         self._response = self._request(0)
         self.total = int(self._response.headers["content-length"])
         self.etag = self._response.headers.get("etag", "")
+        headers = self._response.headers
+        self.digest = headers.get("x-statehub-digest", "")
+        self.passthrough = headers.get("x-statehub-fetch-mode", "") == "passthrough"
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         """The body's bytes, in order, across as many resumed requests as it takes."""

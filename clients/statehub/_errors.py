@@ -101,6 +101,12 @@ class StorageUnavailable(StorageError):
     code = "storage_unavailable"
 
 
+class ShuttingDown(StatehubError):
+    """The replica that answered is draining; retried calls reach another one."""
+
+    code = "shutting_down"
+
+
 class ConnectionFailed(StatehubError, ConnectionError):
     """The server could not be reached (after retries where the call is idempotent)."""
 
@@ -132,6 +138,7 @@ _BY_CODE: dict[str, type[StatehubError]] = {
         RangeNotSatisfiable,
         StorageError,
         StorageUnavailable,
+        ShuttingDown,
     )
 }
 _BY_STATUS: dict[int, type[StatehubError]] = {

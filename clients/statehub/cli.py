@@ -441,6 +441,16 @@ def serve(host: str | None, port: int | None, data_dir: str | None) -> None:
     os.execv(sys.executable, args)
 
 
+@main.command()
+def migrate() -> None:
+    """Apply pending database migrations and exit (needs the [server] extra).
+
+    The one-shot step before starting replicas that run with STATEHUB_MIGRATE_ON_START=false
+    (a compose service, a Kubernetes Job). Settings come from STATEHUB_* vars.
+    """
+    os.execv(sys.executable, [sys.executable, "-m", "service", "migrate"])
+
+
 def _metadata_callback(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> dict[str, Any] | None:
@@ -1011,6 +1021,97 @@ def find(ctx: click.Context, target: Any, limit: int, as_json: bool, **kwargs: A
         [h["ref"], h["verdict"], f"{h['coverage']['params']['fraction'] * 100:.1f}%"] for h in hits
     ]
     click.echo(_table(["REF", "VERDICT", "PARAMS LOADED"], rows))
+
+
+@main.group()
+def token() -> None:
+    """Bearer tokens: create, list, revoke (needs an admin scope)."""
+
+
+@token.command(name="create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "-s",
+    "scopes",
+    multiple=True,
+    required=True,
+    help="action:pattern, repeatable: read|write|admin over *, NS/* or NS/NAME.",
+)
+@click.option("--expires", help="ISO 8601 time after which the token stops working.")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_context
+def token_create(
+    ctx: click.Context, name: str, scopes: tuple[str, ...], expires: str | None, as_json: bool
+) -> None:
+    """Create token NAME; its value is printed once, on stdout."""
+    settings = _settings(ctx)
+    created = settings.client().create_token(name, list(scopes), expires_at=expires)
+    if as_json:
+        _echo_json(created)
+        return
+    click.echo(created["token"])
+    if not settings.quiet:
+        click.echo(
+            f"token {created['id']} ({created['prefix']}...) {', '.join(created['scopes'])}: "
+            "store the value now, it is not shown again",
+            err=True,
+        )
+
+
+@token.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_context
+def token_list(ctx: click.Context, as_json: bool) -> None:
+    """Tokens you administer (never their values)."""
+    items = _settings(ctx).client().tokens()
+    if as_json:
+        _echo_json(items)
+        return
+    rows = [
+        [
+            t["id"],
+            t["name"],
+            f"{t['prefix']}...",
+            "revoked" if t["revoked_at"] else "active",
+            (t["last_used_at"] or "-")[:19],
+            " ".join(t["scopes"]),
+        ]
+        for t in items
+    ]
+    click.echo(_table(["ID", "NAME", "PREFIX", "STATE", "LAST USED", "SCOPES"], rows))
+
+
+@token.command(name="revoke")
+@click.argument("token_id", type=click.IntRange(min=1))
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: int) -> None:
+    """Revoke token TOKEN_ID (see `token list`)."""
+    revoked = _settings(ctx).client().revoke_token(token_id)
+    click.echo(f"revoked token {revoked['id']} ({revoked['name']}, {revoked['prefix']}...)")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
+@click.option(
+    "--grace",
+    type=click.IntRange(min=0),
+    help="Only what is older than this many seconds [server default: STATEHUB_GC_GRACE_S].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool, grace: int | None, as_json: bool) -> None:
+    """Delete blobs no version references and stale upload temp files (admin:*)."""
+    report = _settings(ctx).client().gc(dry_run=dry_run, grace_s=grace)
+    if as_json:
+        _echo_json(report)
+        return
+    verb = "would delete" if report["dry_run"] else "deleted"
+    click.echo(
+        f"{verb} {len(report['blobs_deleted'])} blob(s), "
+        f"{_human_bytes(report['bytes_freed'])}, "
+        f"{len(report['temp_files_deleted'])} temp file(s); kept {report['blobs_kept']} blob(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service.auth import AccessControl
+from service.core.access import Action, Principal, Scope
 from service.core.names import ModelName, VersionRef
+from service.errors import StatehubError, Unauthorized
 from service.settings import Settings
+from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.db import Database
+
+log = logging.getLogger("statehub")
 
 
 def get_settings(request: Request) -> Settings:
@@ -31,9 +38,88 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_actor(request: Request) -> str:
-    # Tokens come with the access-control work; until then every caller is anonymous.
-    return "anonymous"
+class Caller:
+    """The principal of a request, and the one way routes ask for permission.
+
+    Every denial (and every request without a valid token) is written to the audit log,
+    in a transaction of its own: the request's own transaction rolls back.
+    """
+
+    def __init__(self, principal: Principal, request: Request) -> None:
+        self.principal = principal
+        self._request = request
+
+    @property
+    def actor(self) -> str:
+        return self.principal.actor
+
+    def require(self, action: Action, name: ModelName) -> None:
+        """Raises ``NotFound`` for a read it may not make (what a missing model answers),
+        ``Forbidden`` for a write or admin action it lacks (``service.core.access``)."""
+        self._check(action, name, object_type="model", object_ref=str(name))
+
+    def require_global(self, action: Action, *, object_type: str, object_ref: str) -> None:
+        """``action`` over every namespace (``admin:*``): adapters, gc."""
+        self._check(action, None, object_type=object_type, object_ref=object_ref)
+
+    def readable(self) -> tuple[Scope, ...] | None:
+        """What this caller may read, to filter lists and search; None: everything."""
+        return self.principal.readable()
+
+    def _check(
+        self, action: Action, name: ModelName | None, *, object_type: str, object_ref: str
+    ) -> None:
+        error = self.principal.denial(action, name)
+        if error is None:
+            return
+        audit_denial(self._request, self.actor, error, object_type, object_ref, action)
+        raise error
+
+    def deny(self, error: StatehubError, *, object_type: str, object_ref: str) -> NoReturn:
+        """Audit and raise a denial decided by a use case (tokens)."""
+        audit_denial(self._request, self.actor, error, object_type, object_ref, None)
+        raise error
+
+
+def audit_denial(
+    request: Request,
+    actor: str,
+    error: StatehubError,
+    object_type: str,
+    object_ref: str,
+    action: Action | None,
+) -> None:
+    detail = {
+        "status": error.status,
+        "code": error.code,
+        "method": request.method,
+        "path": request.url.path[:300],
+        "required": action,
+        "request_id": getattr(request.state, "request_id", ""),
+    }
+    try:
+        with request.app.state.db.session() as session:
+            repo.record_event(
+                session,
+                actor=actor,
+                action="access.denied",
+                object_type=object_type,
+                object_ref=object_ref,
+                detail=detail,
+            )
+    except StatehubError as exc:  # the denial stands even if the audit log is unreachable
+        log.warning("cannot audit a denied request (%s): %s", detail, exc.message)
+
+
+def get_principal(request: Request) -> Caller:
+    """Authenticates the request (401 ``unauthorized`` without a valid token)."""
+    access: AccessControl = request.app.state.access
+    try:
+        principal = access.authenticate(request.headers.get("authorization"))
+    except Unauthorized as exc:
+        audit_denial(request, "unauthenticated", exc, "request", request.url.path[:300], None)
+        raise
+    return Caller(principal, request)
 
 
 def model_name(namespace: str, name: str) -> ModelName:
@@ -50,6 +136,6 @@ BlobStoreDep = Annotated[BlobStore, Depends(get_blobs)]
 # "function" scope: the transaction commits before the response is sent, so a client that
 # sees a success can rely on it (and the next request sees the change).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-ActorDep = Annotated[str, Depends(get_actor)]
+PrincipalDep = Annotated[Caller, Depends(get_principal)]
 ModelNameDep = Annotated[ModelName, Depends(model_name)]
 VersionRefDep = Annotated[VersionRef, Depends(version_ref)]

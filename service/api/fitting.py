@@ -9,13 +9,16 @@ from service import fitting, metrics
 from service.api.deps import (
     BlobStoreDep,
     ModelNameDep,
+    PrincipalDep,
     SessionDep,
     SettingsDep,
     VersionRefDep,
 )
 from service.api.schemas import FitRequest, PlanOut, SearchHit, SearchRequest
 from service.core.spec import ArchSpec, validate_spec
+from service.integrity import VerifiedBlob
 from service.settings import Settings
+from service.storage.blobs import BlobStore
 
 router = APIRouter(tags=["fitting"])
 
@@ -37,11 +40,13 @@ def plan(
     body: FitRequest,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> PlanOut:
     """How the stored checkpoint maps onto the target; moves no weights.
 
     Always 200 for a valid request: the verdict (``incompatible`` included) is the answer.
     """
+    principal.require("read", name)
     version, result = fitting.plan_version(
         session=session,
         name=name,
@@ -68,6 +73,7 @@ def fetch(
     session: SessionDep,
     settings: SettingsDep,
     blobs: BlobStoreDep,
+    principal: PrincipalDep,
     range_header: str | None = Header(default=None, alias="range"),
     if_range: str | None = Header(default=None, alias="if-range"),
 ) -> StreamingResponse:
@@ -77,6 +83,7 @@ def fetch(
     and tied keys written once (``statehub.tied``). ``ETag`` identifies digest + plan;
     ``Range`` (with ``If-Range``) resumes an interrupted fetch.
     """
+    principal.require("read", name)
     result = fitting.prepare_fetch(
         session=session,
         blobs=blobs,
@@ -101,27 +108,34 @@ def fetch(
     }
     if result.partial:
         headers["Content-Range"] = f"bytes {result.start}-{result.end - 1}/{total}"
-    body_iter = fitting.iter_layout(
-        layout,
-        blobs,
-        result.version.digest,
-        start=result.start,
-        end=result.end,
-        chunk=settings.stream_chunk_bytes,
-    )
     return StreamingResponse(
-        body_iter,
+        fitting.stream_fetch(
+            result, _source(result, blobs, settings), chunk=settings.stream_chunk_bytes
+        ),
         status_code=206 if result.partial else 200,
         media_type="application/octet-stream",
         headers=headers,
     )
 
 
+def _source(result: fitting.FetchResult, blobs: BlobStore, settings: Settings) -> VerifiedBlob:
+    """The stored bytes the body reads, checked against the digest (``service.integrity``)."""
+    return VerifiedBlob(
+        blobs,
+        result.version.digest,
+        result.version.size,
+        buffer_limit=settings.verify_buffer_bytes,
+        whole_in_order=result.layout.mode == "passthrough",
+    )
+
+
 @router.post("/v1/search/compatible", response_model=list[SearchHit])
 def search_compatible(
-    body: SearchRequest, session: SessionDep, settings: SettingsDep
+    body: SearchRequest, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
 ) -> list[SearchHit]:
+    """Ranked versions among those the caller may read."""
     ranked = fitting.search_compatible(
+        readable=principal.readable(),
         session=session,
         target=_target(body, settings),
         policy=body.policy.to_policy(),

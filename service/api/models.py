@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from service import metrics, registry
 from service.api.deps import (
-    ActorDep,
     BlobStoreDep,
     DatabaseDep,
     ModelNameDep,
+    PrincipalDep,
     SessionDep,
     SettingsDep,
     VersionRefDep,
 )
 from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
-from service.core.names import ModelName
-from service.errors import InvalidRequest
+from service.core.names import ModelName, validate_alias, validate_segment
+from service.errors import InvalidRequest, StorageError
 from service.fitting import parse_range
+from service.integrity import VerifiedBlob
 from service.storage import repositories as repo
 from service.storage.spool import SpoolFile
 
@@ -32,10 +33,15 @@ MAX_METADATA_CHARS = 64 * 1024
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
-def create_model(body: ModelCreate, session: SessionDep, actor: ActorDep) -> ModelOut:
+def create_model(body: ModelCreate, session: SessionDep, principal: PrincipalDep) -> ModelOut:
     name = ModelName.of(body.namespace, body.name)
+    principal.require("write", name)
     model = registry.create_model(
-        session=session, name=name, description=body.description, tags=body.tags, actor=actor
+        session=session,
+        name=name,
+        description=body.description,
+        tags=body.tags,
+        actor=principal.actor,
     )
     return ModelOut.of(model)
 
@@ -43,15 +49,28 @@ def create_model(body: ModelCreate, session: SessionDep, actor: ActorDep) -> Mod
 @router.get("", response_model=ModelList)
 def list_models(
     session: SessionDep,
-    q: str | None = Query(default=None, max_length=200),
+    principal: PrincipalDep,
+    q: str | None = Query(default=None, max_length=200, pattern=r"^[^\x00-\x1f]*$"),
     namespace: str | None = Query(default=None, max_length=96),
     tag: str | None = Query(default=None, max_length=96),
     arch_fp: str | None = Query(default=None, pattern="^[0-9a-f]{64}$"),
     limit: int = Query(default=50, ge=1, le=500),
     offset: int = Query(default=0, ge=0),
 ) -> ModelList:
+    """Live models the caller may read (others are left out, never refused)."""
+    if namespace is not None:
+        validate_segment(namespace, what="namespace")
+    if tag is not None:
+        validate_segment(tag, what="tag")
     models, total = repo.list_models(
-        session, query=q, namespace=namespace, tag=tag, arch_fp=arch_fp, limit=limit, offset=offset
+        session,
+        query=q,
+        namespace=namespace,
+        tag=tag,
+        arch_fp=arch_fp,
+        limit=limit,
+        offset=offset,
+        readable=principal.readable(),
     )
     return ModelList(
         items=[ModelOut.of(m) for m in models], total=total, limit=limit, offset=offset
@@ -59,14 +78,30 @@ def list_models(
 
 
 @router.get("/{namespace}/{name}", response_model=ModelOut)
-def get_model(name: ModelNameDep, session: SessionDep) -> ModelOut:
+def get_model(name: ModelNameDep, session: SessionDep, principal: PrincipalDep) -> ModelOut:
+    principal.require("read", name)
     return ModelOut.of(repo.get_model(session, name), detailed=True)
 
 
 @router.delete("/{namespace}/{name}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_model(name: ModelNameDep, session: SessionDep, actor: ActorDep) -> Response:
-    registry.delete_model(session=session, name=name, actor=actor)
+def delete_model(
+    name: ModelNameDep,
+    session: SessionDep,
+    principal: PrincipalDep,
+    hard: bool = Query(default=False, description="remove for good instead of soft delete"),
+) -> Response:
+    """Soft delete (restorable with ``POST .../restore``) unless ``hard=true``. Admin."""
+    principal.require("admin", name)
+    registry.delete_model(session=session, name=name, actor=principal.actor, hard=hard)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{namespace}/{name}/restore", response_model=ModelOut)
+def restore_model(name: ModelNameDep, session: SessionDep, principal: PrincipalDep) -> ModelOut:
+    """Undo a soft delete of the model. Admin."""
+    principal.require("admin", name)
+    model = registry.restore_model(session=session, name=name, actor=principal.actor)
+    return ModelOut.of(model, detailed=True)
 
 
 @router.post(
@@ -90,7 +125,7 @@ async def upload_version(
     settings: SettingsDep,
     db: DatabaseDep,
     blobs: BlobStoreDep,
-    actor: ActorDep,
+    principal: PrincipalDep,
     alias: str | None = Query(default=None, max_length=96),
     metadata: str | None = Query(default=None, max_length=MAX_METADATA_CHARS),
     ema: bool = Query(default=False, description="take EMA weights from a training snapshot"),
@@ -120,6 +155,9 @@ async def upload_version(
     The body is spooled to disk while it is hashed. An upload whose stored bytes equal an
     existing version of this model returns that version with status 200 instead.
     """
+    principal.require("write", name)  # before a byte of the body is read
+    if alias is not None:
+        validate_alias(alias)
     user_metadata = _parse_metadata(metadata)
     length = request.headers.get("content-length")
     spool = SpoolFile(
@@ -145,7 +183,7 @@ async def upload_version(
             metadata=user_metadata,
             alias=alias,
             ema=ema,
-            actor=actor,
+            actor=principal.actor,
         )
     )
     out = VersionOut.of(result.version, aliases=result.aliases, with_spec=False)
@@ -168,7 +206,10 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
 
 
 @router.get("/{namespace}/{name}/versions", response_model=list[VersionOut])
-def list_versions(name: ModelNameDep, session: SessionDep) -> list[VersionOut]:
+def list_versions(
+    name: ModelNameDep, session: SessionDep, principal: PrincipalDep
+) -> list[VersionOut]:
+    principal.require("read", name)
     model = repo.get_model(session, name)
     aliases = repo.aliases_by_version(session, model)
     return [
@@ -178,10 +219,43 @@ def list_versions(name: ModelNameDep, session: SessionDep) -> list[VersionOut]:
 
 
 @router.get("/{namespace}/{name}/versions/{ref}", response_model=VersionOut)
-def get_version(name: ModelNameDep, ref: VersionRefDep, session: SessionDep) -> VersionOut:
+def get_version(
+    name: ModelNameDep, ref: VersionRefDep, session: SessionDep, principal: PrincipalDep
+) -> VersionOut:
+    principal.require("read", name)
     version = registry.get_version(session=session, name=name, ref=ref)
     aliases = repo.aliases_by_version(session, version.model).get(version.id, [])
     return VersionOut.of(version, aliases=aliases, with_spec=True)
+
+
+@router.delete("/{namespace}/{name}/versions/{ref}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_version(
+    name: ModelNameDep,
+    ref: VersionRefDep,
+    session: SessionDep,
+    principal: PrincipalDep,
+    hard: bool = Query(default=False, description="remove for good instead of soft delete"),
+) -> Response:
+    """Soft delete (restorable) unless ``hard=true``; ``latest`` moves back. Admin."""
+    principal.require("admin", name)
+    registry.delete_version(session=session, name=name, ref=ref, actor=principal.actor, hard=hard)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{namespace}/{name}/versions/{number}/restore", response_model=VersionOut)
+def restore_version(
+    name: ModelNameDep,
+    session: SessionDep,
+    principal: PrincipalDep,
+    number: int = Path(ge=1, le=10**12),
+) -> VersionOut:
+    """Undo a soft delete of version ``number``. Admin."""
+    principal.require("admin", name)
+    version = registry.restore_version(
+        session=session, name=name, number=number, actor=principal.actor
+    )
+    aliases = repo.aliases_by_version(session, version.model).get(version.id, [])
+    return VersionOut.of(version, aliases=aliases, with_spec=False)
 
 
 @router.get(
@@ -196,8 +270,10 @@ def download_blob(
     session: SessionDep,
     blobs: BlobStoreDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> StreamingResponse:
     """The stored safetensors bytes, unchanged. ``Range`` requests resume."""
+    principal.require("read", name)
     version = registry.get_version(session=session, name=name, ref=ref)
     digest, size = version.digest, version.size
     etag = f'"{digest}"'
@@ -205,9 +281,15 @@ def download_blob(
     wanted = request.headers.get("range") if not if_range or if_range == etag else None
     byte_range = parse_range(wanted, size)
     start, end = byte_range or (0, size)
-    blobs.size(digest)  # fail with a storage error now, not halfway through the body
+    if blobs.size(digest) != size:  # fail with a storage error now, not mid-body
+        raise StorageError(f"stored blob {digest} has the wrong size", detail={"digest": digest})
+    # Checked against its digest: before the response when small, else while streaming.
+    source = VerifiedBlob(
+        blobs, digest, size, buffer_limit=settings.verify_buffer_bytes, whole_in_order=True
+    )
     headers = {
         "ETag": etag,
+        "X-Statehub-Digest": digest,
         "Accept-Ranges": "bytes",
         "Content-Length": str(end - start),
         "Content-Disposition": f'attachment; filename="{name.name}-{version.number}.safetensors"',
@@ -215,7 +297,7 @@ def download_blob(
     if byte_range:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return StreamingResponse(
-        blobs.iter_range(digest, start, end, settings.stream_chunk_bytes),
+        source.iter_range(digest, start, end, settings.stream_chunk_bytes),
         status_code=206 if byte_range else 200,
         media_type="application/octet-stream",
         headers=headers,
@@ -226,19 +308,25 @@ aliases_router = APIRouter(prefix="/v1/models", tags=["aliases"])
 
 
 @aliases_router.get("/{namespace}/{name}/aliases", response_model=list[AliasOut])
-def list_aliases(name: ModelNameDep, session: SessionDep) -> list[AliasOut]:
+def list_aliases(
+    name: ModelNameDep, session: SessionDep, principal: PrincipalDep
+) -> list[AliasOut]:
+    principal.require("read", name)
     model = repo.get_model(session, name)
     return [
-        AliasOut(model=str(name), alias=a.name, version=a.version.number) for a in model.aliases
+        AliasOut(model=str(name), alias=a.name, version=a.version.number)
+        for a in model.aliases
+        if a.version.deleted_at is None
     ]
 
 
 @aliases_router.put("/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
 def set_alias(
-    name: ModelNameDep, alias: str, body: AliasSet, session: SessionDep, actor: ActorDep
+    name: ModelNameDep, alias: str, body: AliasSet, session: SessionDep, principal: PrincipalDep
 ) -> AliasOut:
+    principal.require("write", name)
     alias, version = registry.set_alias(
-        session=session, name=name, alias=alias, number=body.version, actor=actor
+        session=session, name=name, alias=alias, number=body.version, actor=principal.actor
     )
     return AliasOut(model=str(name), alias=alias, version=version.number)
 
@@ -246,6 +334,9 @@ def set_alias(
 @aliases_router.delete(
     "/{namespace}/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT
 )
-def delete_alias(name: ModelNameDep, alias: str, session: SessionDep, actor: ActorDep) -> Response:
-    registry.delete_alias(session=session, name=name, alias=alias, actor=actor)
+def delete_alias(
+    name: ModelNameDep, alias: str, session: SessionDep, principal: PrincipalDep
+) -> Response:
+    principal.require("write", name)
+    registry.delete_alias(session=session, name=name, alias=alias, actor=principal.actor)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.plan import ALL_OPS, Plan, Policy
 from service.core.spec import ArchSpec
-from service.storage.models import Adapter, Model, Version
+from service.storage.models import Adapter, Model, Token, Version
 
 
 class ErrorBody(BaseModel):
@@ -26,7 +26,8 @@ class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     namespace: str = "default"
     name: str
-    description: str = Field(default="", max_length=10_000)
+    # No NUL: PostgreSQL text cannot hold it.
+    description: str = Field(default="", max_length=10_000, pattern=r"^[^\x00]*$")
     tags: list[str] = Field(default_factory=list, max_length=64)
 
 
@@ -147,7 +148,8 @@ class ModelOut(BaseModel):
 
     @classmethod
     def of(cls, model: Model, *, detailed: bool = False) -> ModelOut:
-        by_id = {v.id: v.number for v in model.versions}
+        live = [v for v in model.versions if v.deleted_at is None]  # soft-deleted: invisible
+        by_id = {v.id: v.number for v in live}
         aliases = {a.name: by_id[a.version_id] for a in model.aliases if a.version_id in by_id}
         versions = None
         if detailed:
@@ -155,8 +157,7 @@ class ModelOut(BaseModel):
             for alias in model.aliases:
                 names.setdefault(alias.version_id, []).append(alias.name)
             versions = [
-                VersionOut.of(v, aliases=names.get(v.id, []), with_spec=False)
-                for v in model.versions
+                VersionOut.of(v, aliases=names.get(v.id, []), with_spec=False) for v in live
             ]
         return cls(
             namespace=model.namespace,
@@ -236,3 +237,56 @@ class AdapterOut(BaseModel):
             created_by=adapter.created_by,
             created_at=adapter.created_at,
         )
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=96)
+    scopes: list[str] = Field(min_length=1, max_length=64)
+    expires_at: datetime | None = None
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, token: Token) -> TokenOut:
+        return cls(
+            id=token.id,
+            name=token.name,
+            prefix=token.prefix,
+            scopes=list(token.scopes),
+            created_by=token.created_by,
+            created_at=token.created_at,
+            expires_at=token.expires_at,
+            last_used_at=token.last_used_at,
+            revoked_at=token.revoked_at,
+        )
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the bearer token; shown in this response only")
+
+
+class GcRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = False
+    grace_s: int | None = Field(default=None, ge=0, description="default: STATEHUB_GC_GRACE_S")
+
+
+class GcOut(BaseModel):
+    dry_run: bool
+    grace_s: int
+    blobs_deleted: list[str]
+    bytes_freed: int
+    blobs_kept: int
+    temp_files_deleted: list[str]
+    leases_expired: int

@@ -30,6 +30,8 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -57,6 +59,7 @@ __all__ = [
     "BlobStore",
     "LocalBlobStore",
     "S3BlobStore",
+    "StoredBlob",
     "blob_key",
     "open_blob_store",
     "validate_digest",
@@ -96,6 +99,15 @@ _ACCESS_CODES = frozenset(
 
 class BlobNotFound(StorageError):
     """The blob is not in the store (``code`` stays ``storage_error``: metadata points at it)."""
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A listing entry, for garbage collection."""
+
+    digest: str
+    size: int
+    modified: datetime  # aware, UTC
 
 
 def validate_digest(digest: object) -> str:
@@ -174,6 +186,15 @@ class BlobStore(Protocol):
 
     def iter_digests(self) -> Iterator[str]:
         """Every stored digest, in no particular order (for garbage collection)."""
+        ...
+
+    def iter_stored(self) -> Iterator[StoredBlob]:
+        """Every stored blob with its size and modification time (for garbage collection)."""
+        ...
+
+    def remove_stale_temp(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
+        """Remove what interrupted writes left behind before ``older_than`` (temp files,
+        unfinished multipart uploads); returns their names."""
         ...
 
     def check(self) -> None:
@@ -462,6 +483,32 @@ class LocalBlobStore:
                 if _DIGEST_RE.fullmatch(name) and name[:2] == shard.name:
                     yield name
 
+    def iter_stored(self) -> Iterator[StoredBlob]:
+        for digest in self.iter_digests():
+            try:
+                stat = self._path(digest).stat()
+            except FileNotFoundError:
+                continue  # deleted since it was listed
+            except OSError as exc:
+                raise StorageError(f"cannot stat blob {digest} under {self.root}: {exc}") from exc
+            yield StoredBlob(digest, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+
+    def remove_stale_temp(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
+        removed = []
+        cutoff = older_than.timestamp()
+        for path in sorted(self._blobs.glob(f"??/*{_INCOMPLETE}")):
+            try:
+                if path.is_symlink() or path.stat().st_mtime >= cutoff:
+                    continue
+                if not dry_run:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot remove {path}: {exc}") from exc
+            removed.append(str(path.relative_to(self.root)))
+        return removed
+
     def check(self) -> None:
         try:
             self._blobs.mkdir(parents=True, exist_ok=True)
@@ -729,6 +776,33 @@ class S3BlobStore:
                     shard, _, name = item["Key"][len(root) :].partition("/")
                     if _DIGEST_RE.fullmatch(name) and name[:2] == shard:
                         yield name
+
+    def iter_stored(self) -> Iterator[StoredBlob]:
+        root = self.prefix + "blobs/sha256/"
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._s3_errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+                for item in page.get("Contents", ()):
+                    shard, _, name = item["Key"][len(root) :].partition("/")
+                    if _DIGEST_RE.fullmatch(name) and name[:2] == shard:
+                        yield StoredBlob(name, int(item["Size"]), item["LastModified"])
+
+    def remove_stale_temp(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
+        """Abort multipart uploads under the blob prefix started before ``older_than``."""
+        root = self.prefix + "blobs/"
+        removed = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._s3_errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"] >= older_than:
+                        continue
+                    if not dry_run:
+                        self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    removed.append(f"multipart:{upload['Key']}")
+        return removed
 
     def check(self) -> None:
         try:

@@ -56,6 +56,8 @@ class Model(Base):
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Soft delete: set, the model and its versions are invisible until restored.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     versions: Mapped[list[Version]] = relationship(
         back_populates="model", order_by="Version.number", cascade="all, delete-orphan"
@@ -87,6 +89,8 @@ class Version(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Soft delete: set, the version is invisible until restored (its blob stays referenced).
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     model: Mapped[Model] = relationship(back_populates="versions")
 
@@ -134,3 +138,36 @@ class AuditEvent(Base):
     object_type: Mapped[str] = mapped_column(String(32))
     object_ref: Mapped[str] = mapped_column(String(300))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Token(Base):
+    """A bearer token, stored as the sha256 of its value: the value itself is never kept."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(96))
+    # The first characters of the token, shown to tell tokens apart (not a secret).
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # ["read:vision/*", "write:vision/resnet", "admin:*"] (service.core.access).
+    scopes: Mapped[list[Any]] = mapped_column()
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class BlobLease(Base):
+    """An upload's claim on a blob from before it is stored until its version is committed.
+
+    ``gc`` never deletes a blob with a live lease; a lease left by a crashed upload expires.
+    """
+
+    __tablename__ = "blob_leases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, text, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
+from service.core.access import Scope
 from service.core.names import LATEST, ModelName, VersionRef
-from service.errors import NotFound
-from service.storage.models import Adapter, Alias, AuditEvent, Model, Version, utcnow
+from service.errors import Conflict, NotFound
+from service.storage.models import (
+    Adapter,
+    Alias,
+    AuditEvent,
+    BlobLease,
+    Model,
+    Token,
+    Version,
+    utcnow,
+)
 
 
-def find_model(session: Session, name: ModelName) -> Model | None:
-    return session.scalar(
-        select(Model).where(Model.namespace == name.namespace, Model.name == name.name)
-    )
+def find_model(session: Session, name: ModelName, *, include_deleted: bool = False) -> Model | None:
+    statement = select(Model).where(Model.namespace == name.namespace, Model.name == name.name)
+    if not include_deleted:
+        statement = statement.where(Model.deleted_at.is_(None))
+    return session.scalar(statement)
 
 
 def get_model(session: Session, name: ModelName) -> Model:
@@ -27,17 +40,45 @@ def get_model(session: Session, name: ModelName) -> Model:
 
 
 def get_or_create_model(session: Session, name: ModelName, *, actor: str) -> Model:
-    """The model, created on first upload; a concurrent creator wins without an error."""
-    model = find_model(session, name)
-    if model is not None:
-        return model
-    try:
-        with session.begin_nested():
-            model = Model(namespace=name.namespace, name=name.name, created_by=actor, tags=[])
-            session.add(model)
-        return model
-    except IntegrityError:
-        return get_model(session, name)
+    """The model, created on first upload; a concurrent creator wins without an error.
+
+    Raises:
+        Conflict: the model is soft-deleted (restore it, or delete it for good, first).
+    """
+    model = find_model(session, name, include_deleted=True)
+    if model is None:
+        try:
+            with session.begin_nested():
+                model = Model(namespace=name.namespace, name=name.name, created_by=actor, tags=[])
+                session.add(model)
+            return model
+        except IntegrityError:
+            model = find_model(session, name, include_deleted=True)
+            assert model is not None
+    if model.deleted_at is not None:
+        raise deleted_model_conflict(name)
+    return model
+
+
+def deleted_model_conflict(name: ModelName) -> Conflict:
+    return Conflict(
+        f"model {name} is deleted: restore it (POST /v1/models/{name}/restore) or delete it "
+        f"for good (DELETE /v1/models/{name}?hard=true) before using its name again",
+        detail={"model": str(name), "deleted": True},
+    )
+
+
+def visible_models(readable: Sequence[Scope] | None) -> ColumnElement[bool]:
+    """A condition on ``Model`` for the models a caller may read (None: every model)."""
+    if readable is None:
+        return true()
+    conditions = [
+        Model.namespace == s.namespace
+        if s.name is None
+        else and_(Model.namespace == s.namespace, Model.name == s.name)
+        for s in readable
+    ]
+    return or_(*conditions) if conditions else false()
 
 
 def list_models(
@@ -49,8 +90,9 @@ def list_models(
     arch_fp: str | None,
     limit: int,
     offset: int,
+    readable: Sequence[Scope] | None = None,
 ) -> tuple[list[Model], int]:
-    statement = select(Model)
+    statement = select(Model).where(Model.deleted_at.is_(None), visible_models(readable))
     if query:
         pattern = f"%{query.lower()}%"
         statement = statement.where(
@@ -60,7 +102,11 @@ def list_models(
         statement = statement.where(Model.namespace == namespace)
     if arch_fp:
         statement = statement.where(
-            Model.id.in_(select(Version.model_id).where(Version.arch_fp == arch_fp))
+            Model.id.in_(
+                select(Version.model_id).where(
+                    Version.arch_fp == arch_fp, Version.deleted_at.is_(None)
+                )
+            )
         )
     models = list(session.scalars(statement.order_by(Model.namespace, Model.name)))
     if tag:  # tags are a JSON list; filtered here to stay portable across SQLite and PostgreSQL
@@ -84,13 +130,16 @@ def find_version_by_digest(session: Session, model: Model, digest: str) -> Versi
     return session.scalar(
         select(Version)
         .options(selectinload(Version.model))
-        .where(Version.model_id == model.id, Version.digest == digest)
+        .where(Version.model_id == model.id, Version.digest == digest, Version.deleted_at.is_(None))
         .order_by(Version.number)
         .limit(1)
     )
 
 
-def resolve_version(session: Session, model: Model, ref: VersionRef) -> Version:
+def resolve_version(
+    session: Session, model: Model, ref: VersionRef, *, include_deleted: bool = False
+) -> Version:
+    """The version ``ref`` names; soft-deleted versions only by number and on request."""
     if ref.number is not None:
         version = session.scalar(
             select(Version).where(Version.model_id == model.id, Version.number == ref.number)
@@ -100,6 +149,8 @@ def resolve_version(session: Session, model: Model, ref: VersionRef) -> Version:
     else:
         alias = session.get(Alias, (model.id, ref.alias or LATEST))
         version = alias.version if alias else None
+    if version is not None and version.deleted_at is not None and not include_deleted:
+        version = None
     if version is None:
         raise NotFound(
             f"{model.namespace}/{model.name} has no version {ref}",
@@ -110,8 +161,19 @@ def resolve_version(session: Session, model: Model, ref: VersionRef) -> Version:
 
 def list_versions(session: Session, model: Model) -> Sequence[Version]:
     return session.scalars(
-        select(Version).where(Version.model_id == model.id).order_by(Version.number)
+        select(Version)
+        .where(Version.model_id == model.id, Version.deleted_at.is_(None))
+        .order_by(Version.number)
     ).all()
+
+
+def newest_version(session: Session, model: Model) -> Version | None:
+    return session.scalar(
+        select(Version)
+        .where(Version.model_id == model.id, Version.deleted_at.is_(None))
+        .order_by(Version.number.desc())
+        .limit(1)
+    )
 
 
 def set_alias(session: Session, model: Model, alias: str, version: Version) -> Alias:
@@ -137,12 +199,22 @@ def aliases_by_version(session: Session, model: Model) -> dict[int, list[str]]:
 
 
 def candidate_versions(
-    session: Session, *, arch_fp: str, shape_fp: str, limit: int
+    session: Session,
+    *,
+    arch_fp: str,
+    shape_fp: str,
+    limit: int,
+    readable: Sequence[Scope] | None = None,
 ) -> Sequence[Version]:
-    """Versions worth planning against a target: same fingerprints first, then the rest."""
+    """Versions worth planning against a target: same fingerprints first, then the rest.
+
+    Only live versions of live models the caller may read (``readable``; None: all).
+    """
     exact = (Version.arch_fp == arch_fp) | (Version.shape_fp == shape_fp)
     ordered = (
         select(Version)
+        .join(Model, Version.model_id == Model.id)
+        .where(Version.deleted_at.is_(None), Model.deleted_at.is_(None), visible_models(readable))
         .options(selectinload(Version.model), undefer(Version.spec))
         .order_by(exact.desc(), Version.created_at.desc(), Version.id.desc())
         .limit(limit)
@@ -189,3 +261,83 @@ def record_event(
             detail=detail or {},
         )
     )
+
+
+# -- tokens -----------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    # Tokens carry 256 random bits: a plain sha256 cannot be reversed or brute-forced.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def find_token_by_value(session: Session, token: str) -> Token | None:
+    return session.scalar(select(Token).where(Token.token_hash == hash_token(token)))
+
+
+def any_token(session: Session) -> bool:
+    """Whether a token was ever created (revoked ones count: revoking never reopens)."""
+    return session.scalar(select(Token.id).limit(1)) is not None
+
+
+def list_tokens(session: Session) -> Sequence[Token]:
+    return session.scalars(select(Token).order_by(Token.id)).all()
+
+
+def get_token(session: Session, token_id: int) -> Token:
+    token = session.get(Token, token_id)
+    if token is None:
+        raise NotFound(f"token {token_id} does not exist", detail={"token": token_id})
+    return token
+
+
+# -- blob leases (gc safety) ------------------------------------------------------------
+
+
+def lock_blob(session: Session, digest: str) -> None:
+    """Serialise gc's check-and-delete of ``digest`` with uploads taking a lease on it.
+
+    Held until the transaction ends. PostgreSQL: a transaction-level advisory lock on the
+    digest. SQLite: the database write lock (a write statement takes it, even one that
+    changes nothing), so this must be the transaction's first statement.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        key = int(digest[:15], 16)  # 60 bits: fits PostgreSQL's signed bigint
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    else:
+        session.execute(delete(BlobLease).where(BlobLease.id < 0))
+
+
+def take_lease(session: Session, digest: str, *, ttl: timedelta) -> BlobLease:
+    lock_blob(session, digest)
+    now = utcnow()
+    lease = BlobLease(digest=digest, created_at=now, expires_at=now + ttl)
+    session.add(lease)
+    session.flush()
+    return lease
+
+
+def release_lease(session: Session, lease_id: int) -> None:
+    session.execute(delete(BlobLease).where(BlobLease.id == lease_id))
+
+
+def blob_in_use(session: Session, digest: str, *, now: datetime) -> bool:
+    """Referenced by a version (soft-deleted ones included: they can be restored) or leased."""
+    referenced = session.scalar(select(Version.id).where(Version.digest == digest).limit(1))
+    if referenced is not None:
+        return True
+    leased = session.scalar(
+        select(BlobLease.id).where(BlobLease.digest == digest, BlobLease.expires_at > now).limit(1)
+    )
+    return leased is not None
+
+
+def digests_in_use(session: Session, *, now: datetime) -> set[str]:
+    versions = session.scalars(select(Version.digest).distinct())
+    leases = session.scalars(select(BlobLease.digest).where(BlobLease.expires_at > now))
+    return set(versions) | set(leases)
+
+
+def delete_expired_leases(session: Session, *, now: datetime) -> int:
+    result = session.execute(delete(BlobLease).where(BlobLease.expires_at <= now))
+    return int(getattr(result, "rowcount", 0) or 0)

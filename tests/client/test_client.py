@@ -35,6 +35,7 @@ from statehub import (
     InvalidSpec,
     NotFound,
     RangeNotSatisfiable,
+    ShuttingDown,
     StatehubError,
     StorageError,
     StorageUnavailable,
@@ -88,6 +89,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
         "PlanEntry",
         "Progress",
         "RangeNotSatisfiable",
+        "ShuttingDown",
         "StatehubError",
         "StorageError",
         "StorageUnavailable",
@@ -354,6 +356,7 @@ ERROR_CODES = [
     ("range_not_satisfiable", 416, RangeNotSatisfiable),
     ("storage_error", 500, StorageError),
     ("storage_unavailable", 503, StorageUnavailable),
+    ("shutting_down", 503, ShuttingDown),
 ]
 
 

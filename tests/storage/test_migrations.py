@@ -15,7 +15,16 @@ from service.storage import db
 from service.storage.models import Base
 from tests._server import create_pg_schema, drop_pg_schema
 
-TABLES = {"models", "versions", "aliases", "adapters", "audit_events", "alembic_version"}
+TABLES = {
+    "models",
+    "versions",
+    "aliases",
+    "adapters",
+    "audit_events",
+    "tokens",
+    "blob_leases",
+    "alembic_version",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
