@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,23 +221,101 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
 def iter_layout(
     layout: FetchLayout, blobs: BlobStore, digest: str, *, start: int, end: int, chunk: int
 ) -> Iterator[bytes | memoryview]:
-    """The bytes [start, end) of the fetch body, produced segment by segment."""
+    """The bytes [start, end) of the fetch body, produced segment by segment.
+
+    Stored bytes are read forward through a ``SequentialReader``: segments whose sources are
+    adjacent in the blob (the common case: a checkpoint read in its own order) share one
+    ranged read instead of a request per tensor.
+    """
+    reader = SequentialReader(blobs, digest, chunk)
+    run_ends = _run_ends(layout.segments)
     position = 0
-    for segment in layout.segments:
-        seg_start, seg_end = position, position + segment.length
-        position = seg_end
-        if seg_end <= start or segment.length == 0:
+    try:
+        for segment, run_end in zip(layout.segments, run_ends, strict=True):
+            seg_start, seg_end = position, position + segment.length
+            position = seg_end
+            if seg_end <= start or segment.length == 0:
+                continue
+            if seg_start >= end:
+                break
+            lo, hi = max(start, seg_start) - seg_start, min(end, seg_end) - seg_start
+            if isinstance(segment, HeaderBytes):
+                yield segment.data[lo:hi]
+            elif isinstance(segment, StoredRange):
+                yield from reader.chunks(segment.start + lo, segment.start + hi, run_end)
+            else:
+                yield transform(segment, reader, run_end)[lo:hi]
+            metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
+    finally:
+        reader.close()
+
+
+def _source_span(segment: Segment) -> tuple[int, int] | None:
+    if isinstance(segment, StoredRange):
+        return segment.start, segment.end
+    if isinstance(segment, Transformed) and segment.source is not None:
+        return segment.source_start, segment.source_start + segment.source.nbytes
+    return None
+
+
+def _run_ends(segments: Sequence[Segment]) -> list[int]:
+    """For each segment, where the run of blob-adjacent source spans it belongs to ends."""
+    ends = [0] * len(segments)
+    run_end, next_start = 0, -1
+    for index in range(len(segments) - 1, -1, -1):
+        span = _source_span(segments[index])
+        if span is None:
             continue
-        if seg_start >= end:
-            break
-        lo, hi = max(start, seg_start) - seg_start, min(end, seg_end) - seg_start
-        if isinstance(segment, HeaderBytes):
-            yield segment.data[lo:hi]
-        elif isinstance(segment, StoredRange):
-            yield from blobs.iter_range(digest, segment.start + lo, segment.start + hi, chunk)
-        else:
-            yield transform(segment, blobs, digest)[lo:hi]
-        metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
+        if span[1] != next_start:
+            run_end = span[1]
+        ends[index], next_start = run_end, span[0]
+    return ends
+
+
+class SequentialReader:
+    """Forward reads of one blob: a read that starts where the previous one ended goes on
+    with the same ranged read; any other opens a new one, up to the end of its run."""
+
+    def __init__(self, blobs: BlobStore, digest: str, chunk: int) -> None:
+        self._blobs = blobs
+        self._digest = digest
+        self._chunk = chunk
+        self._stream: Iterator[bytes | memoryview] | None = None
+        self._position = -1
+        self._pending = memoryview(b"")
+
+    def chunks(self, start: int, end: int, run_end: int) -> Iterator[memoryview]:
+        if self._stream is None or start != self._position:
+            self.close()
+            ranged = self._blobs.iter_range(self._digest, start, run_end, self._chunk)
+            self._stream, self._position = iter(ranged), start
+        remaining = end - start
+        while remaining:
+            if not self._pending:
+                piece = next(self._stream, None)
+                if piece is None:
+                    raise StorageError(f"blob {self._digest} ended before byte {end}")
+                self._pending = memoryview(piece)
+            taken = self._pending[:remaining]
+            self._pending = self._pending[len(taken) :]
+            self._position += len(taken)
+            remaining -= len(taken)
+            yield taken
+
+    def read(self, start: int, size: int, run_end: int) -> bytearray:
+        """Exactly ``size`` bytes from ``start``, in a buffer of their own."""
+        out = bytearray(size)
+        view, filled = memoryview(out), 0
+        for piece in self.chunks(start, start + size, run_end):
+            view[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+        self._stream, self._pending = None, memoryview(b"")
 
 
 def stream_fetch(
@@ -266,16 +343,13 @@ def stream_fetch(
         metrics.FETCHES_IN_FLIGHT.dec()
 
 
-def transform(segment: Transformed, blobs: BlobStore, digest: str) -> memoryview:
+def transform(segment: Transformed, reader: SequentialReader, run_end: int) -> memoryview:
     """Decode one source tensor, apply its ops, return the target's raw bytes."""
     metrics.TENSORS_DECODED.inc()
     tensor = None
     if segment.source is not None:
-        source = segment.source
-        raw = blobs.read_range(digest, segment.source_start, segment.source_start + source.nbytes)
-        if len(raw) != source.nbytes:
-            raise StorageError(f"short read of tensor {source.key!r} from blob {digest}")
-        tensor = decode(raw, source)
+        raw = reader.read(segment.source_start, segment.source.nbytes, run_end)
+        tensor = decode(raw, segment.source)
     result = ops.apply_chain(segment.entry.ops, tensor)
     target = segment.target
     if tuple(result.shape) != target.shape or ops.dtype_code(result.dtype) != target.dtype:
@@ -286,14 +360,12 @@ def transform(segment: Transformed, blobs: BlobStore, digest: str) -> memoryview
     return tensor_bytes(result)  # a view of the result: no copy on the way out
 
 
-def decode(raw: bytes, spec: TensorSpec) -> torch.Tensor:
-    """A read-only tensor over ``raw`` (no copy); ops build new tensors from it."""
+def decode(raw: bytearray, spec: TensorSpec) -> torch.Tensor:
+    """A tensor over ``raw`` without a copy; ops build new tensors from it."""
     dtype = ops.TORCH_DTYPES[spec.dtype]
     if spec.numel == 0:
         return torch.empty(spec.shape, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(raw, dtype=dtype).reshape(spec.shape)
+    return torch.frombuffer(raw, dtype=dtype).reshape(spec.shape)
 
 
 @dataclass(frozen=True)
