@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     # Where upload bodies are spooled while they are hashed and validated.
     spool_dir: Path | None = None
+    # An upload is refused (503, retry later) when it would leave less free on the spool disk.
+    spool_min_free_bytes: int = Field(default=256 * MiB, ge=0)
 
     # Bounds on what a request may ask of the server.
     max_upload_bytes: int = Field(default=64 * GiB, gt=0)

@@ -163,6 +163,7 @@ async def upload_version(
     spool = SpoolFile(
         settings.effective_spool_dir,
         max_bytes=settings.max_upload_bytes,
+        min_free_bytes=settings.spool_min_free_bytes,
         expected_bytes=int(length) if length and length.isdigit() else None,
     )
     try:

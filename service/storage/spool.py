@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -11,9 +12,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from service.errors import StorageUnavailable, TooLarge
-
-# Refuse to spool when less than this would be left on the spool disk.
-MIN_FREE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,14 @@ class Spooled:
 class SpoolFile:
     """A unique ``.incomplete`` file in the spool directory, removed unless handed over."""
 
-    def __init__(self, spool_dir: Path, *, max_bytes: int, expected_bytes: int | None = None):
+    def __init__(
+        self,
+        spool_dir: Path,
+        *,
+        max_bytes: int,
+        min_free_bytes: int,
+        expected_bytes: int | None = None,
+    ):
         spool_dir.mkdir(parents=True, exist_ok=True)
         if expected_bytes is not None and expected_bytes > max_bytes:
             raise TooLarge(
@@ -34,7 +39,7 @@ class SpoolFile:
                 detail={"bytes": expected_bytes, "limit": max_bytes},
             )
         free = shutil.disk_usage(spool_dir).free
-        if free - (expected_bytes or 0) < MIN_FREE_BYTES:
+        if free - (expected_bytes or 0) < min_free_bytes:
             raise StorageUnavailable(
                 "the server's spool disk is full; try again later",
                 detail={"free_bytes": free},
@@ -65,7 +70,8 @@ class SpoolFile:
         return Spooled(self.path, self._size, self._hash.hexdigest())
 
     def discard(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # a full disk fails the flush on close too
+            self._file.close()
         self.path.unlink(missing_ok=True)
 
 
