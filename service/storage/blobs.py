@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -260,6 +261,25 @@ def _empty_stream() -> _RangeStream:
 # --------------------------------------------------------------------------------------------
 
 
+def _read_chunks(
+    read: Callable[[int], bytes],
+    errors: Callable[[], AbstractContextManager[None]],
+    digest: str,
+    start: int,
+    end: int,
+    chunk_size: int,
+) -> Iterator[bytes]:
+    """``[start, end)`` from an open reader in chunks; its errors translated by ``errors``."""
+    length = remaining = end - start
+    while remaining:
+        with errors():
+            data = read(min(chunk_size, remaining))
+        if not data:
+            raise _short_blob(digest, start, end, length - remaining)
+        remaining -= len(data)
+        yield data
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -445,17 +465,10 @@ class LocalBlobStore:
                 f.close()
                 raise
 
-        def chunks() -> Iterator[bytes]:
-            remaining = length
-            while remaining:
-                with self._os_errors(digest):
-                    data = f.read(min(chunk_size, remaining))
-                if not data:
-                    raise _short_blob(digest, start, end, length - remaining)
-                remaining -= len(data)
-                yield data
-
-        return _RangeStream(chunks(), f.close)
+        chunks = _read_chunks(
+            f.read, lambda: self._os_errors(digest), digest, start, end, chunk_size
+        )
+        return _RangeStream(chunks, f.close)
 
     def delete(self, digest: str) -> None:
         path = self._path(digest)
@@ -750,17 +763,10 @@ class S3BlobStore:
             return _empty_stream()
         body = self._get_range(digest, start, end)
 
-        def chunks() -> Iterator[bytes]:
-            remaining = length
-            while remaining:
-                with self._s3_errors(digest):
-                    data = body.read(min(chunk_size, remaining))
-                if not data:
-                    raise _short_blob(digest, start, end, length - remaining)
-                remaining -= len(data)
-                yield data
-
-        return _RangeStream(chunks(), body.close)
+        chunks = _read_chunks(
+            body.read, lambda: self._s3_errors(digest), digest, start, end, chunk_size
+        )
+        return _RangeStream(chunks, body.close)
 
     def delete(self, digest: str) -> None:
         key = self._key(digest)
