@@ -235,7 +235,12 @@ class PausingStore:
 
 
 def spooled(deployment: Deployment, body: bytes) -> Spooled:
-    spool = SpoolFile(deployment.settings.effective_spool_dir, max_bytes=len(body) + 1)
+    settings = deployment.settings
+    spool = SpoolFile(
+        settings.effective_spool_dir,
+        max_bytes=len(body) + 1,
+        min_free_bytes=settings.spool_min_free_bytes,
+    )
     spool.write(body)
     return spool.finish()
 
