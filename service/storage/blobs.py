@@ -774,14 +774,7 @@ class S3BlobStore:
             self._client.delete_object(Bucket=self.bucket, Key=key)
 
     def iter_digests(self) -> Iterator[str]:
-        root = self.prefix + "blobs/sha256/"
-        paginator = self._client.get_paginator("list_objects_v2")
-        with self._s3_errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
-                for item in page.get("Contents", ()):
-                    shard, _, name = item["Key"][len(root) :].partition("/")
-                    if _DIGEST_RE.fullmatch(name) and name[:2] == shard:
-                        yield name
+        return (blob.digest for blob in self.iter_stored())
 
     def iter_stored(self) -> Iterator[StoredBlob]:
         root = self.prefix + "blobs/sha256/"
