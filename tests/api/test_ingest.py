@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from tests._server import ServerProcess
+from tests._zips import rebuild_zip
 
 STABLE_CODES = {"invalid_checkpoint", "unsafe_pickle", "too_large"}
 
@@ -115,18 +116,6 @@ def assert_refused(
     assert httpx.get(f"{server.url}/v1/models/{ns}/{name}").status_code == 404
     assert list(server.settings.effective_spool_dir.glob("*")) == []
     return body
-
-
-def rebuild_zip(data: bytes, change: dict[str, bytes | None], **kwargs: Any) -> bytes:
-    """The same torch zip with members replaced (None: removed), CRCs recomputed."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as target:
-        for info in source.infolist():
-            suffix = next((s for s in change if info.filename.endswith(s)), None)
-            content = source.read(info) if suffix is None else change[suffix]
-            if content is not None:
-                target.writestr(info.filename, content, **kwargs)
-    return out.getvalue()
 
 
 def sample_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from service.core.unpickle import (
     unpickle,
 )
 from service.errors import InvalidCheckpoint, TooLarge, UnsafePickle
+from tests._zips import rebuild_zip
 
 LIMITS = Limits()
 
@@ -368,18 +369,6 @@ def test_cuda_locations_are_read_as_data(legacy: bool, monkeypatch: pytest.Monke
     data = saved({"w": torch.ones(2)}, legacy=legacy)
     checkpoint = (read_torch_legacy if legacy else read_torch_zip)(data, limits=LIMITS)
     assert checkpoint.root["w"].storage.location == "cuda:1"
-
-
-def rebuild_zip(data: bytes, change: dict[str, bytes | None], **kwargs: Any) -> bytes:
-    """The same torch zip with members replaced (None: removed), CRCs recomputed."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as target:
-        for info in source.infolist():
-            suffix = next((s for s in change if info.filename.endswith(s)), None)
-            content = source.read(info) if suffix is None else change[suffix]
-            if content is not None:
-                target.writestr(info.filename, content, **kwargs)
-    return out.getvalue()
 
 
 def test_a_record_shorter_than_its_storage_is_refused() -> None:
