@@ -136,9 +136,11 @@ def _eventually(condition: Callable[[], bool], *, within: float = 3) -> bool:
 
 
 def _refused(url: str) -> bool:
+    """No new request is served: the connection is refused, or (in the moment the listening
+    socket closes) accepted and closed without a response."""
     try:
         httpx.get(f"{url}/healthz", timeout=1)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return True
     return False
 
