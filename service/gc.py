@@ -94,6 +94,7 @@ def _delete_if_unused(db: Database, blobs: BlobStore, digest: str, *, dry_run: b
         if repo.blob_in_use(session, digest, now=utcnow()):
             return False
         if not dry_run:
+            repo.forget_stored_tensors(session, digest)
             blobs.delete(digest)
         return True
 

@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     # Size of the chunks streamed from the blob store to a response.
     stream_chunk_bytes: int = Field(default=8 * MiB, gt=0)
 
+    # Exact fetches and blob downloads answer 303 to a presigned URL of the stored blob
+    # (S3 only), valid this long: the bytes then come straight from the store.
+    presign_fetch: bool = False
+    presign_expires_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
+    # Fitted fetch bodies are kept as blobs keyed by ETag; the same fetch again is a
+    # passthrough. gc evicts entries unused for fit_cache_ttl_s.
+    fit_cache: bool = True
+    fit_cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=0)
+    # A push stores its tensors one by one, as ranges of blobs already stored plus one blob
+    # of new tensors, when at least this fraction of its bytes is stored already.
+    dedup_min_shared_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
     # Operations. Logs: one JSON object per line, or "text" for a terminal.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "json"

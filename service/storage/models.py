@@ -91,6 +91,10 @@ class Version(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Soft delete: set, the version is invisible until restored (its blob stays referenced).
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # None: the version's bytes are the blob ``digest``. Otherwise the safetensors file is
+    # composed of ranges of other blobs, [[blob_digest, start, end], ...] in file order
+    # (tensor-level deduplication: its tensors are stored once, wherever they first came).
+    extents: Mapped[list[Any] | None] = mapped_column(default=None, deferred=True)
 
     model: Mapped[Model] = relationship(back_populates="versions")
 
@@ -171,3 +175,47 @@ class BlobLease(Base):
     digest: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BlobRef(Base):
+    """A blob that a composed version (``Version.extents``) reads: gc keeps it."""
+
+    __tablename__ = "blob_refs"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    blob_digest: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class StoredTensor(Base):
+    """Where the bytes of a tensor with this sha256 are stored: a range of one blob.
+
+    Filled at every push, so a later push that repeats tensors (a fine-tune) stores only
+    the new ones. Rows go when gc deletes their blob.
+    """
+
+    __tablename__ = "stored_tensors"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    blob_digest: Mapped[str] = mapped_column(String(64), index=True)
+    start: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FitCacheEntry(Base):
+    """A fitted fetch body stored as a blob, keyed by its ETag (sha256 of digest + plan):
+    the same fetch again is a passthrough of that blob."""
+
+    __tablename__ = "fit_cache"
+
+    etag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), index=True
+    )
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -18,7 +18,10 @@ from service.storage.models import (
     Alias,
     AuditEvent,
     BlobLease,
+    BlobRef,
+    FitCacheEntry,
     Model,
+    StoredTensor,
     Token,
     Version,
     utcnow,
@@ -322,10 +325,15 @@ def release_lease(session: Session, lease_id: int) -> None:
 
 
 def blob_in_use(session: Session, digest: str, *, now: datetime) -> bool:
-    """Referenced by a version (soft-deleted ones included: they can be restored) or leased."""
-    referenced = session.scalar(select(Version.id).where(Version.digest == digest).limit(1))
-    if referenced is not None:
-        return True
+    """Referenced by a version (soft-deleted ones included: they can be restored), read by
+    a composed version, holding a cached fetch body, or leased."""
+    for column, key in (
+        (Version.id, Version.digest),
+        (BlobRef.version_id, BlobRef.blob_digest),
+        (FitCacheEntry.etag, FitCacheEntry.digest),
+    ):
+        if session.scalar(select(column).where(key == digest).limit(1)) is not None:
+            return True
     leased = session.scalar(
         select(BlobLease.id).where(BlobLease.digest == digest, BlobLease.expires_at > now).limit(1)
     )
@@ -334,8 +342,15 @@ def blob_in_use(session: Session, digest: str, *, now: datetime) -> bool:
 
 def digests_in_use(session: Session, *, now: datetime) -> set[str]:
     versions = session.scalars(select(Version.digest).distinct())
+    refs = session.scalars(select(BlobRef.blob_digest).distinct())
+    cached = session.scalars(select(FitCacheEntry.digest).distinct())
     leases = session.scalars(select(BlobLease.digest).where(BlobLease.expires_at > now))
-    return set(versions) | set(leases)
+    return set(versions) | set(refs) | set(cached) | set(leases)
+
+
+def forget_stored_tensors(session: Session, blob_digest: str) -> None:
+    """The blob is going: tensors found only in it are no longer stored."""
+    session.execute(delete(StoredTensor).where(StoredTensor.blob_digest == blob_digest))
 
 
 def delete_expired_leases(session: Session, *, now: datetime) -> int:
