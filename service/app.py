@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
-from service.api import adapters, admin, fitting, models, tokens
+from service.api import adapters, admin, fitting, models, tensors, tokens
 from service.errors import StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(models.aliases_router)
     app.include_router(fitting.router)
+    app.include_router(tensors.router)
     app.include_router(adapters.router)
     app.include_router(tokens.router)
     app.include_router(admin.router)

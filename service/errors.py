@@ -81,6 +81,12 @@ class Conflict(StatehubError):
     status = 409
 
 
+class TensorsMissing(Conflict):
+    """A composed push names tensor hashes the registry does not store (upload them)."""
+
+    code = "tensors_missing"
+
+
 class Incompatible(StatehubError):
     """The plan's verdict is not allowed by the policy; ``detail['plan']`` says why."""
 

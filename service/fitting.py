@@ -397,7 +397,7 @@ def prepare_fetch(
             + "; ".join(plan.reasons[:5]),
             detail={"plan": plan.to_json()},
         )
-    if blobs.size(version.digest) != version.size:
+    if version.extents is None and blobs.size(version.digest) != version.size:
         raise StorageError(f"stored blob {version.digest} has the wrong size")
     layout = layout_fetch(version, plan, target, settings)
     total = layout.length

@@ -127,19 +127,24 @@ def ingest(spooled: Spooled, *, limits: Limits, work_dir: Path, ema: bool = Fals
     else:
         ingested = _ingest_torch(spooled, source_format, limits=limits, work_dir=work_dir, ema=ema)
     try:
-        _check_stored(ingested.header, limits)
+        check_stored(ingested.header, limits)
     except BaseException:
         if ingested.path != spooled.path:
             ingested.path.unlink(missing_ok=True)
         raise
+    describe(ingested, source_format)
+    return ingested
+
+
+def describe(ingested: Ingested, source_format: str) -> None:
+    """Complete the version's ``ingest`` report with what every format shares."""
     ingested.report = {"source_format": source_format, **ingested.report}
     ingested.report["wrapper_prefixes"] = wrapper_prefixes(t.key for t in ingested.header.tensors)
     ingested.report["dtypes"] = ingested.header.spec().dtypes
     ingested.report.setdefault("tie_groups", ingested.tie_groups)
-    return ingested
 
 
-def _check_stored(header: SafetensorsHeader, limits: Limits) -> None:
+def check_stored(header: SafetensorsHeader, limits: Limits) -> None:
     """What every stored version must be: some tensors, under keys any JSON store takes."""
     if not header.tensors:
         raise InvalidCheckpoint("the checkpoint holds no tensors")

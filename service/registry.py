@@ -7,25 +7,27 @@ Every function takes its collaborators explicitly (keyword-only). Transactions b
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import dedup
 from service.core.adapters import AdapterSpec, parse_adapter
 from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
-from service.core.safetensors_format import Limits
-from service.errors import Conflict, InvalidRequest, NotFound, StatehubError
-from service.ingest import Ingested, ingest
+from service.core.safetensors_format import Limits, parse_header
+from service.errors import Conflict, InvalidRequest, NotFound, TooLarge
+from service.ingest import Ingested, check_stored, describe, ingest
 from service.settings import Settings
 from service.storage import repositories as repo
-from service.storage.blobs import BlobStore
+from service.storage.blobs import BlobStore, validate_digest
+from service.storage.composed import Extent
 from service.storage.db import Database
 from service.storage.models import Adapter, Alias, Model, Version, utcnow
-from service.storage.spool import Spooled
+from service.storage.spool import Spooled, SpoolFile
 
 log = logging.getLogger(__name__)
 
@@ -134,43 +136,131 @@ def push_version(
     except BaseException:
         spooled.path.unlink(missing_ok=True)  # the spool never keeps a refused upload
         raise
-    lease_id: int | None = None
+    stored: dedup.Stored | None = None
     try:
-        # The lease keeps gc from deleting the blob between the store's "already there"
-        # and the commit of the version that references it.
-        with db.session() as session:
-            ttl = timedelta(seconds=settings.upload_lease_s)
-            lease_id = repo.take_lease(session, ingested.digest, ttl=ttl).id
-        blobs.put_file(ingested.digest, ingested.path)
-        with db.session() as session:
-            result = _commit_version(
-                session, name, ingested, metadata=metadata, alias=alias, actor=actor
-            )
-            repo.release_lease(session, lease_id)
-        lease_id = None
-        return result
+        # Leases keep gc from deleting a blob between the store's "already there" and the
+        # commit of the version that references it (dedup.store_version takes them).
+        hashes = dedup.hash_tensors(ingested.path, ingested.header)
+        stored = dedup.store_version(
+            db=db,
+            blobs=blobs,
+            settings=settings,
+            path=ingested.path,
+            header=ingested.header,
+            hashes=hashes,
+            digest=ingested.digest,
+        )
+        return commit_version(
+            db, name, ingested, stored, hashes, metadata=metadata, alias=alias, actor=actor
+        )
     finally:
         ingested.path.unlink(missing_ok=True)
-        if lease_id is not None:
-            _release_quietly(db, lease_id)
+        if stored is not None and stored.leases:
+            dedup.release(db, stored.leases)
 
 
-def _release_quietly(db: Database, lease_id: int) -> None:
+def compose_version(
+    *,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+    name: ModelName,
+    header_json: str,
+    size: int,
+    tensor_hashes: dict[str, str],
+    metadata: dict[str, Any],
+    alias: str | None,
+    actor: str,
+) -> PushResult:
+    """A version from its safetensors header and the sha256 of every tensor, all of which
+    the registry stores already (the client uploaded the missing ones first)."""
+    if alias is not None:
+        validate_alias(alias)
+    limits = limits_from(settings)
+    raw = header_json.encode()
+    if len(raw) > limits.max_header_bytes:
+        raise TooLarge(f"the header exceeds {limits.max_header_bytes} bytes")
+    header = parse_header(raw, file_size=size, limits=limits)
+    check_stored(header, limits)
+    unknown = set(tensor_hashes) - {t.key for t in header.tensors}
+    absent = [t.key for t in header.tensors if t.key not in tensor_hashes]
+    if unknown or absent:
+        raise InvalidRequest(
+            "tensors must name every tensor of the header, and only those",
+            detail={"not_in_header": sorted(unknown)[:50], "without_hash": absent[:50]},
+        )
+    hashes = [validate_digest(tensor_hashes[t.key]) for t in header.tensors]
+    spool = SpoolFile(
+        settings.effective_spool_dir,
+        max_bytes=settings.max_upload_bytes,
+        min_free_bytes=settings.spool_min_free_bytes,
+    )
+    spool.write(struct.pack("<Q", len(raw)) + raw)
+    spooled = spool.finish()
+    stored: dedup.Stored | None = None
     try:
-        with db.session() as session:
-            repo.release_lease(session, lease_id)
-    except StatehubError as exc:  # the lease expires by itself
-        log.warning("cannot release blob lease %s: %s", lease_id, exc.message)
+        stored, digest = dedup.compose_from_hashes(
+            db=db,
+            blobs=blobs,
+            settings=settings,
+            header_path=spooled.path,
+            header=header,
+            hashes=hashes,
+        )
+        ingested = Ingested(spooled.path, digest, size, header, "safetensors")
+        describe(ingested, "safetensors")
+        return commit_version(
+            db, name, ingested, stored, hashes, metadata=metadata, alias=alias, actor=actor
+        )
+    finally:
+        spooled.path.unlink(missing_ok=True)
+        if stored is not None and stored.leases:
+            dedup.release(db, stored.leases)
+
+
+def commit_version(
+    db: Database,
+    name: ModelName,
+    ingested: Ingested,
+    stored: dedup.Stored,
+    hashes: list[str],
+    *,
+    metadata: dict[str, Any],
+    alias: str | None,
+    actor: str,
+) -> PushResult:
+    """The version row, what it reads and its new tensors, and the leases' release: one
+    transaction."""
+    ingested.report["storage"] = stored.report()
+    with db.session() as session:
+        result = _commit_version(
+            session,
+            name,
+            ingested,
+            hashes,
+            metadata=metadata,
+            alias=alias,
+            actor=actor,
+            extents=stored.extents,
+        )
+        if result.created:
+            dedup.record(session, result.version, stored)
+        else:
+            dedup.record(session, result.version, dedup.Stored(None, [], stored.leases))
+        stored.leases = []
+    return result
 
 
 def _commit_version(
     session: Session,
     name: ModelName,
     ingested: Ingested,
+    hashes: list[str],
     *,
     metadata: dict[str, Any],
     alias: str | None,
     actor: str,
+    extents: list[Extent] | None,
 ) -> PushResult:
     model = repo.get_or_create_model(session, name, actor=actor)
     existing = repo.find_version_by_digest(session, model, ingested.digest)
@@ -187,7 +277,9 @@ def _commit_version(
             detail={"digest": existing.digest, "alias": alias},
         )
         return PushResult(existing, created=False, aliases=aliases)
-    version = _add_version(session, model, ingested, metadata=metadata, actor=actor)
+    version = _add_version(
+        session, model, ingested, hashes, metadata=metadata, actor=actor, extents=extents
+    )
     repo.set_alias(session, model, LATEST, version)
     if alias is not None:
         repo.set_alias(session, model, alias, version)
@@ -218,14 +310,27 @@ def _ingest(spooled: Spooled, *, settings: Settings, ema: bool) -> Ingested:
 
 
 def _add_version(
-    session: Session, model: Model, ingested: Ingested, *, metadata: dict[str, Any], actor: str
+    session: Session,
+    model: Model,
+    ingested: Ingested,
+    hashes: list[str],
+    *,
+    metadata: dict[str, Any],
+    actor: str,
+    extents: list[Extent] | None,
 ) -> Version:
     header = ingested.header
     spec = header.spec(ingested.tie_groups)
     stored_spec = {
         "tensors": [
-            {"key": t.key, "shape": list(t.shape), "dtype": t.dtype, "offsets": [t.begin, t.end]}
-            for t in header.tensors
+            {
+                "key": t.key,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "offsets": [t.begin, t.end],
+                "sha256": sha,
+            }
+            for t, sha in zip(header.tensors, hashes, strict=True)
         ],
         "tie_groups": ingested.tie_groups,
     }
@@ -247,6 +352,7 @@ def _add_version(
         ingest=ingest_report,
         user_metadata=metadata,
         created_by=actor,
+        extents=[e.to_json() for e in extents] if extents is not None else None,
     )
     session.add(version)
     session.flush()

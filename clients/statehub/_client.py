@@ -16,7 +16,14 @@ from typing import Any, Protocol
 import httpx
 import torch
 
-from statehub._errors import ConnectionFailed, IntegrityError, StatehubError, raise_for_status
+from statehub._errors import (
+    ConnectionFailed,
+    IntegrityError,
+    NotFound,
+    StatehubError,
+    TensorsMissing,
+    raise_for_status,
+)
 from statehub._models import Plan, Version
 from statehub._tensors import (
     SAFETENSORS_SUFFIXES,
@@ -28,6 +35,7 @@ from statehub._tensors import (
     safetensors_header,
     spec_of,
     state_dict_of,
+    tensor_bytes,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -197,6 +205,11 @@ class Client:
             params["alias"] = alias
         if metadata:
             params["metadata"] = json.dumps(metadata)
+        if not isinstance(obj, (str, Path)):
+            items = dedupe_tied(state_dict_of(obj))
+            composed = self._push_composed(model, items, params, progress)
+            if composed is not None:
+                return composed
         body, length = self._upload_body(obj)
         response = self._send(
             lambda: self._http.build_request(
@@ -214,6 +227,94 @@ class Client:
         finally:
             response.close()
         return Version.from_json(response.json(), created=response.status_code == 201)
+
+    def _push_composed(
+        self,
+        model: str,
+        items: list[tuple[str, torch.Tensor]],
+        params: dict[str, Any],
+        progress: Progress | None,
+    ) -> Version | None:
+        """Upload only the tensors the registry lacks, then compose the version from its
+        header and every tensor's hash. None when a plain upload is the better push (most
+        bytes are new) or the server cannot compose."""
+        header = safetensors_header(items)
+        file_hash = hashlib.sha256(header)
+        hashes: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+        for key, tensor in items:
+            data = tensor_bytes(tensor)
+            file_hash.update(data)
+            hashes[key] = hashlib.sha256(data).hexdigest()
+            sizes[hashes[key]] = len(data)
+        try:
+            answer = self._json(
+                "POST", f"/v1/models/{model}/tensors/missing", json={"sha256": list(sizes)}
+            )
+        except NotFound:
+            return None  # a server without deduplication
+        missing = set(answer["missing"])
+        missing_bytes = sum(sizes[sha] for sha in missing)
+        if missing_bytes > (1 - answer["min_shared_fraction"]) * sum(sizes.values()):
+            return None
+        self._upload_tensors(model, items, hashes, missing, progress)
+        body = {
+            "header": header[8:].decode(),
+            "size": len(header) + sum(sizes[h] for h in hashes.values()),
+            "tensors": hashes,
+        }
+        try:
+            response = self._send(
+                lambda: self._http.build_request(
+                    "POST", f"/v1/models/{model}/versions/compose", params=params, json=body
+                ),
+                retry=True,  # safe: the same header and hashes return the same version
+            )
+        except TensorsMissing:
+            return None  # collected between upload and compose: a plain upload settles it
+        try:
+            response.read()
+        finally:
+            response.close()
+        version = Version.from_json(response.json(), created=response.status_code == 201)
+        if version.digest != file_hash.hexdigest():
+            raise IntegrityError(
+                f"the server composed a file with digest {version.digest}; "
+                f"the pushed state_dict hashes to {file_hash.hexdigest()}"
+            )
+        return version
+
+    def _upload_tensors(
+        self,
+        model: str,
+        items: list[tuple[str, torch.Tensor]],
+        hashes: dict[str, str],
+        missing: set[str],
+        progress: Progress | None,
+    ) -> None:
+        pending = [(key, t) for key, t in items if hashes[key] in missing]
+        total = sum(t.numel() * t.element_size() for _, t in pending)
+        done = 0
+        for key, tensor in pending:
+            sha = hashes[key]
+            if sha not in missing:
+                continue  # the same bytes under another key: sent once
+            missing.discard(sha)
+            data = bytes(tensor_bytes(tensor))
+            response = self._send(
+                lambda data=data, sha=sha: self._http.build_request(
+                    "PUT",
+                    f"/v1/models/{model}/tensors/{sha}",
+                    content=data,
+                    headers={"Content-Type": "application/octet-stream"},
+                    timeout=httpx.Timeout(None, connect=10.0),
+                ),
+                retry=True,  # content-addressed: storing twice is harmless
+            )
+            response.close()
+            done += len(data)
+            if progress is not None:
+                progress(done, total)
 
     @staticmethod
     def _upload_body(obj: Any) -> tuple[Callable[[], Iterator[bytes]], int]:

@@ -67,6 +67,12 @@ class Conflict(StatehubError):
     code = "conflict"
 
 
+class TensorsMissing(Conflict):
+    """A composed push named tensors the registry does not store (``detail['missing']``)."""
+
+    code = "tensors_missing"
+
+
 class Incompatible(StatehubError):
     """The policy forbids what fitting the checkpoint would need; ``.plan`` says why."""
 
@@ -131,6 +137,7 @@ _BY_CODE: dict[str, type[StatehubError]] = {
         UnsafePickle,
         NotFound,
         Conflict,
+        TensorsMissing,
         Incompatible,
         Unauthorized,
         Forbidden,

@@ -9,6 +9,7 @@ from typing import Annotated, NoReturn
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service import metrics
 from service.auth import AccessControl
 from service.core.access import Action, Principal, Scope
 from service.core.names import ModelName, VersionRef
@@ -17,8 +18,29 @@ from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.db import Database
+from service.storage.spool import Spooled, SpoolFile
 
 log = logging.getLogger("statehub")
+
+
+async def spool_request(request: Request, settings: Settings) -> Spooled:
+    """The request body on the spool disk, hashed on the way (never whole in memory)."""
+    length = request.headers.get("content-length")
+    spool = SpoolFile(
+        settings.effective_spool_dir,
+        max_bytes=settings.max_upload_bytes,
+        min_free_bytes=settings.spool_min_free_bytes,
+        expected_bytes=int(length) if length and length.isdigit() else None,
+    )
+    try:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        spooled = spool.finish()
+    except BaseException:
+        spool.discard()
+        raise
+    metrics.BYTES_PUSHED.inc(amount=spooled.size)
+    return spooled
 
 
 def get_settings(request: Request) -> Settings:

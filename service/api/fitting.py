@@ -19,6 +19,7 @@ from service.core.spec import ArchSpec, validate_spec
 from service.integrity import VerifiedBlob
 from service.settings import Settings
 from service.storage.blobs import BlobStore
+from service.storage.composed import version_bytes
 
 router = APIRouter(tags=["fitting"])
 
@@ -120,8 +121,9 @@ def fetch(
 
 def _source(result: fitting.FetchResult, blobs: BlobStore, settings: Settings) -> VerifiedBlob:
     """The stored bytes the body reads, checked against the digest (``service.integrity``)."""
+    version = result.version
     return VerifiedBlob(
-        blobs,
+        version_bytes(blobs, version.digest, version.extents),
         result.version.digest,
         result.version.size,
         buffer_limit=settings.verify_buffer_bytes,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from service import metrics, registry
+from service import registry
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -18,6 +18,7 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
     VersionRefDep,
+    spool_request,
 )
 from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
 from service.core.names import ModelName, validate_alias, validate_segment
@@ -25,7 +26,7 @@ from service.errors import InvalidRequest, StorageError
 from service.fitting import parse_range
 from service.integrity import VerifiedBlob
 from service.storage import repositories as repo
-from service.storage.spool import SpoolFile
+from service.storage.composed import version_bytes
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -158,22 +159,8 @@ async def upload_version(
     principal.require("write", name)  # before a byte of the body is read
     if alias is not None:
         validate_alias(alias)
-    user_metadata = _parse_metadata(metadata)
-    length = request.headers.get("content-length")
-    spool = SpoolFile(
-        settings.effective_spool_dir,
-        max_bytes=settings.max_upload_bytes,
-        min_free_bytes=settings.spool_min_free_bytes,
-        expected_bytes=int(length) if length and length.isdigit() else None,
-    )
-    try:
-        async for chunk in request.stream():
-            spool.write(chunk)
-        spooled = spool.finish()
-    except BaseException:
-        spool.discard()
-        raise
-    metrics.BYTES_PUSHED.inc(amount=spooled.size)
+    user_metadata = parse_metadata_param(metadata)
+    spooled = await spool_request(request, settings)
     result = await run_in_threadpool(
         lambda: registry.push_version(
             db=db,
@@ -194,7 +181,7 @@ async def upload_version(
     return out
 
 
-def _parse_metadata(text: str | None) -> dict[str, Any]:
+def parse_metadata_param(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
@@ -282,11 +269,15 @@ def download_blob(
     wanted = request.headers.get("range") if not if_range or if_range == etag else None
     byte_range = parse_range(wanted, size)
     start, end = byte_range or (0, size)
-    if blobs.size(digest) != size:  # fail with a storage error now, not mid-body
+    if version.extents is None and blobs.size(digest) != size:  # fail now, not mid-body
         raise StorageError(f"stored blob {digest} has the wrong size", detail={"digest": digest})
     # Checked against its digest: before the response when small, else while streaming.
     source = VerifiedBlob(
-        blobs, digest, size, buffer_limit=settings.verify_buffer_bytes, whole_in_order=True
+        version_bytes(blobs, digest, version.extents),
+        digest,
+        size,
+        buffer_limit=settings.verify_buffer_bytes,
+        whole_in_order=True,
     )
     headers = {
         "ETag": etag,

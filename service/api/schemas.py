@@ -109,7 +109,7 @@ class VersionOut(BaseModel):
         if with_spec:
             spec = {
                 "tensors": [
-                    {"key": t["key"], "shape": t["shape"], "dtype": t["dtype"]}
+                    {k: t[k] for k in ("key", "shape", "dtype", "sha256") if k in t}
                     for t in version.spec["tensors"]
                 ],
                 "tie_groups": version.spec.get("tie_groups", []),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, text, true, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, undefer
 
@@ -356,3 +358,39 @@ def forget_stored_tensors(session: Session, blob_digest: str) -> None:
 def delete_expired_leases(session: Session, *, now: datetime) -> int:
     result = session.execute(delete(BlobLease).where(BlobLease.expires_at <= now))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+# -- tensor-level deduplication ------------------------------------------------------------
+
+IN_BATCH = 500  # values per IN (...) list: well under every driver's parameter limit
+
+
+def find_stored_tensors(session: Session, hashes: Iterable[str]) -> dict[str, StoredTensor]:
+    """Where each of these tensor hashes is stored, for those that are."""
+    wanted = sorted(set(hashes))
+    found: dict[str, StoredTensor] = {}
+    for i in range(0, len(wanted), IN_BATCH):
+        batch = wanted[i : i + IN_BATCH]
+        for row in session.scalars(select(StoredTensor).where(StoredTensor.sha256.in_(batch))):
+            found[row.sha256] = row
+    return found
+
+
+def index_stored_tensors(session: Session, rows: Iterable[tuple[str, str, int, int]]) -> None:
+    """Record (sha256, blob digest, start, size) rows; a hash already stored keeps its place."""
+    values = [
+        {"sha256": sha, "blob_digest": blob, "start": start, "size": size, "created_at": utcnow()}
+        for sha, blob, start, size in rows
+    ]
+    if not values:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    for i in range(0, len(values), IN_BATCH):
+        statement = insert_fn(StoredTensor).values(values[i : i + IN_BATCH])
+        session.execute(statement.on_conflict_do_nothing(index_elements=["sha256"]))
+
+
+def add_blob_refs(session: Session, version: Version, digests: Iterable[str]) -> None:
+    for digest in sorted(set(digests)):
+        session.add(BlobRef(version_id=version.id, blob_digest=digest))

@@ -1,0 +1,105 @@
+"""A version's bytes composed of ranges of stored blobs, read as if they were one blob.
+
+Tensor-level deduplication stores a version whose tensors mostly exist already as a list
+of *extents*: its header and new tensors in a blob of their own, every other tensor as a
+range of the blob that first brought it. ``ComposedBlob`` offers the two read methods of a
+``BlobStore`` over that list, so the fetch and download paths (and the verification of
+``service.integrity``) read a composed version exactly like a whole one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import StorageError
+from service.storage.blobs import BlobStore
+
+
+@dataclass(frozen=True)
+class Extent:
+    blob: str  # digest of the blob holding these bytes
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def to_json(self) -> list[Any]:
+        return [self.blob, self.start, self.end]
+
+    @classmethod
+    def from_json(cls, value: Sequence[Any]) -> Extent:
+        blob, start, end = value
+        return cls(str(blob), int(start), int(end))
+
+
+def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
+    """Drop empty extents and join those adjacent in the same blob (one read, not many)."""
+    merged: list[Extent] = []
+    for extent in extents:
+        if extent.length == 0:
+            continue
+        last = merged[-1] if merged else None
+        if last is not None and last.blob == extent.blob and last.end == extent.start:
+            merged[-1] = Extent(last.blob, last.start, extent.end)
+        else:
+            merged.append(extent)
+    return merged
+
+
+class ComposedBlob:
+    """The logical bytes ``[0, size)`` of a composed version; ``digest`` is its name."""
+
+    def __init__(self, blobs: BlobStore, digest: str, extents: Sequence[Extent]) -> None:
+        self._blobs = blobs
+        self._digest = digest
+        self._extents = list(extents)
+        self._starts: list[int] = []  # logical offset where each extent begins
+        position = 0
+        for extent in self._extents:
+            self._starts.append(position)
+            position += extent.length
+        self.size = position
+
+    def _pieces(self, start: int, end: int) -> Iterator[tuple[Extent, int, int]]:
+        """(extent, physical start, physical end) for the logical range ``[start, end)``."""
+        if start < 0 or end > self.size or start > end:
+            raise StorageError(f"range [{start}, {end}) is outside composed blob {self._digest}")
+        index = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        while start < end and index < len(self._extents):
+            extent, base = self._extents[index], self._starts[index]
+            lo, hi = start - base, min(end - base, extent.length)
+            yield extent, extent.start + lo, extent.start + hi
+            start = base + hi
+            index += 1
+
+    def read_range(self, digest: str, start: int, end: int) -> bytes:
+        assert digest == self._digest
+        return b"".join(
+            self._blobs.read_range(extent.blob, lo, hi)
+            for extent, lo, hi in self._pieces(start, end)
+        )
+
+    def iter_range(self, digest: str, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
+        """Each extent's part of the range as one ranged read of its blob, in order."""
+        assert digest == self._digest
+        for extent, lo, hi in self._pieces(start, end):
+            stream = self._blobs.iter_range(extent.blob, lo, hi, chunk_size)
+            try:
+                yield from stream
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+
+
+def version_bytes(blobs: BlobStore, digest: str, extents: Sequence[Any] | None) -> Any:
+    """What a version's bytes are read from: its blob in ``blobs``, or the composition its
+    ``extents`` describe (both offer ``read_range``/``iter_range`` under ``digest``)."""
+    if extents is None:
+        return blobs
+    return ComposedBlob(blobs, digest, [Extent.from_json(e) for e in extents])
