@@ -1,252 +1,293 @@
-"""statehub fetch and push against the do-it-yourself alternative, side by side in one run.
+"""statehub fetch and push against the do-it-yourself alternative, side by side.
 
 Do-it-yourself: boto3 ``get_object`` of the same checkpoint (a ``torch.save`` file) from the
 same S3-protocol server, ``torch.load(weights_only=True)``, and a hand-written fix-up.
-statehub: ``Client.fetch(ref, target=model)`` from a server whose blobs live in that S3
-server. Both end with a state_dict that loads strictly into the target.
+statehub: ``Client.fetch(ref, target=model)`` from a server whose blobs live in that bucket.
+Every result of both roads is compared, value by value, with the expected state_dict.
 
 Cases: (a) the target needs nothing, (b) renames only (a DataParallel checkpoint),
 (c) a head reset and a dtype cast (fp16 checkpoint with 1000 classes into an fp32 model with
-30). Push: ``Client.push`` of the state_dict against boto3 ``upload_file`` of the .pth.
-
-    python -m benchmarks.fetch_vs_diy [--sizes 100,1000] [--repeats 3]
+30). Server variants over the same registry: ``streaming`` (the default settings) and
+``presign`` (``STATEHUB_PRESIGN_FETCH=true``: exact fetches redirect to the bucket). The fit
+cache is on in both (the default), so the first (c) fetch on the first server is cold.
+Push: ``Client.push`` of the state_dict against boto3 ``upload_file`` of the .pth, once each.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
-import platform
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import boto3
-import httpx
 import torch
 
-from service.storage.blobs import S3BlobStore
+from benchmarks.harness import (
+    MiB,
+    PeakGrowth,
+    Report,
+    Stack,
+    Timing,
+    assert_state_dict,
+    body_state_dict,
+    layers_for,
+    nbytes,
+    seconds,
+    table,
+    target_net,
+    timed,
+)
 from statehub import Client
-from tests._services import S3_TEST_KEYS, free_port, s3_settings, start_moto_server
 
-MiB = 1024 * 1024
-RESULTS = Path(__file__).parent / "results" / "fetch_vs_diy.md"
-WIDTH = 1024  # columns of every body tensor: 4 MiB per 1024 rows in fp32
+VARIANTS: dict[str, dict[str, str]] = {
+    "streaming": {"presign_fetch": "false"},
+    "presign": {"presign_fetch": "true"},
+}
+CLASSES = 30  # the target's head
+SOURCE_CLASSES = 1000  # the head of the (c) checkpoint
+# DIY time / statehub time at least this: (a) and (b) >= 0.9x, (c) within 1.5x.
+FETCH_TARGETS = {"a": 0.9, "b": 0.9, "c": 1 / 1.5}
+PUSH_TARGET = 1 / 1.3
+SERVER_GROWTH_LIMIT_MIB = 150
 
 
-def body_state_dict(total_mib: int, dtype: torch.dtype, classes: int) -> dict[str, torch.Tensor]:
-    """Linear layers of 1024x1024 until ``total_mib`` of fp32, plus a classifier head."""
-    generator = torch.Generator().manual_seed(0)
-    layers = max(1, total_mib // 4)
-    state = {
-        f"layers.{i}.weight": torch.randn(WIDTH, WIDTH, generator=generator).to(dtype)
-        for i in range(layers)
+@dataclass
+class Case:
+    key: str  # a | b | c
+    label: str
+    source: dict[str, torch.Tensor]  # what is pushed and saved
+    fix: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # the hand fix-up
+    keys: list[str]  # the target's keys, in order
+    expect: Callable[[str], torch.Tensor]  # the right value of each key
+
+    def check(self, got: dict[str, torch.Tensor]) -> None:
+        assert_state_dict(got, self.keys, self.expect)
+
+
+@dataclass
+class FetchRow:
+    """One case on one server variant; holds numbers only, so the tensors can go."""
+
+    key: str
+    label: str
+    size_mib: int  # the nominal size (--sizes)
+    checkpoint_mib: float
+    result_bytes: int
+    variant: str
+    diy: Timing
+    hub: Timing
+    server_mib: float  # the server's peak RSS above idle over these fetches
+
+
+@dataclass
+class PushRow:
+    size_mib: int
+    hub_s: float
+    diy_s: float
+    server_mib: float
+
+
+def build_cases(size: int, target: torch.nn.Module, which: str = "abc") -> list[Case]:
+    plain = body_state_dict(size, torch.float32, CLASSES, seed=size * 10 + 1)
+    own = {k: v for k, v in target.state_dict().items() if k.startswith("fc.")}
+    keys = list(target.state_dict())
+    cases = {
+        "a": Case("a", "a exact", plain, lambda sd: sd, keys, plain.__getitem__),
+        "b": Case(
+            "b",
+            "b renames",
+            {f"module.{k}": v for k, v in plain.items()},
+            lambda sd: {k.removeprefix("module."): v for k, v in sd.items()},
+            keys,
+            plain.__getitem__,
+        ),
     }
-    state["fc.weight"] = torch.randn(classes, WIDTH, generator=generator).to(dtype)
-    state["fc.bias"] = torch.zeros(classes, dtype=dtype)
-    return state
+    if "c" in which:
+        half = body_state_dict(size, torch.float16, SOURCE_CLASSES, seed=size * 10 + 2)
+
+        def head_and_cast(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.float() for k, v in sd.items() if not k.startswith("fc.")} | own
+
+        def expect_c(key: str) -> torch.Tensor:
+            return own[key] if key in own else half[key].float()
+
+        cases["c"] = Case("c", "c head+cast", half, head_and_cast, keys, expect_c)
+    return [cases[k] for k in which]
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: connection pools, page cache, allocator
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def model_name(key: str, size: int) -> str:
+    return f"bench/{key}-{size}"
 
 
-def once_seconds(fn: Callable[[], object]) -> float:
-    """A push is timed once: a second identical push is deduplicated, so not comparable."""
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def diy_key(case: Case, size: int) -> str:
+    return f"diy/{case.key}-{size}.pth"
 
 
-def start_statehub(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    full = {**os.environ, **env, "STATEHUB_PORT": str(port)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--log-level", "warning"], env=full
-    )
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("statehub did not start")
+def diy_fetch(stack: Stack, key: str, case: Case) -> dict[str, torch.Tensor]:
+    body = stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read()
+    return case.fix(torch.load(io.BytesIO(body), weights_only=True, map_location="cpu"))
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def current_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class Bench:
-    def __init__(self, endpoint: str, bucket: str, hub: Client, server_pid: int) -> None:
-        self.s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=S3_TEST_KEYS["s3_access_key_id"],
-            aws_secret_access_key=S3_TEST_KEYS["s3_secret_access_key"],
+def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> PushRow:
+    """Both pushes of ``case``, timed once: the bytes are new to the registry only once."""
+    with PeakGrowth(server_pid) as growth:
+        hub_s, _ = seconds(lambda: hub.push(model_name(case.key, size), case.source))
+    with tempfile.NamedTemporaryFile(suffix=".pth", dir=stack.data_dir) as handle:
+        torch.save(case.source, handle.name)
+        diy_s, _ = seconds(
+            lambda: stack.s3.upload_file(handle.name, stack.bucket, diy_key(case, size))
         )
-        self.bucket = bucket
-        self.hub = hub
-        self.server_pid = server_pid
-
-    def diy_fetch(self, key: str, fix: Callable[[dict[str, torch.Tensor]], dict]) -> dict:
-        body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        return fix(torch.load(io.BytesIO(body), weights_only=True, map_location="cpu"))
-
-    def case(
-        self, label: str, size: int, source: dict, target: torch.nn.Module, fix, repeats: int
-    ) -> dict[str, object]:
-        name = f"bench/{label.split()[0]}-{size}-{uuid.uuid4().hex[:6]}"
-        key = f"diy/{name}.pth"
-        with tempfile.NamedTemporaryFile(suffix=".pth") as handle:
-            torch.save(source, handle.name)
-            push_statehub = median_seconds(lambda: self.hub.push(name, source), 1)
-            push_diy = median_seconds(lambda: self.s3.upload_file(handle.name, self.bucket, key), 1)
-            nbytes = os.path.getsize(handle.name)
-        expected = self.diy_fetch(key, fix)
-        fitted = self.hub.fetch(name, target=target)
-        assert list(fitted) == list(target.state_dict())
-        for k in expected:  # both roads lead to the same weights
-            assert torch.equal(fitted[k], expected[k].to(fitted[k].dtype)), k
-        diy = median_seconds(lambda: self.diy_fetch(key, fix), repeats)
-        baseline = current_rss_mib(self.server_pid)
-        reset_peak(self.server_pid)
-        ours = median_seconds(lambda: self.hub.fetch(name, target=target), repeats)
-        server_growth = peak_rss_mib(self.server_pid) - baseline
-        return {
-            "case": label,
-            "size_mib": nbytes / MiB,
-            "diy_s": diy,
-            "statehub_s": ours,
-            "fetch_ratio": diy / ours,
-            "push_ratio": push_diy / push_statehub,
-            "server_growth_mib": server_growth,
-        }
+    return PushRow(size, hub_s, diy_s, growth.mib)
 
 
-class LinearNet(torch.nn.Module):
-    def __init__(self, layers: int, classes: int) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList(
-            torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)
+def hub_fetch(
+    hub: Client, server_pid: int, case: Case, size: int, target: torch.nn.Module, repeats: int
+) -> tuple[Timing, float]:
+    with PeakGrowth(server_pid) as growth:
+        timing = timed(
+            lambda: hub.fetch(model_name(case.key, size), target=target), repeats, case.check
         )
-        self.fc = torch.nn.Linear(WIDTH, classes)
+    return timing, growth.mib
 
 
-def run(sizes: list[int], repeats: int) -> list[dict[str, object]]:
-    moto = start_moto_server()
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    S3BlobStore(s3_settings(moto.endpoint, bucket)).ensure_bucket()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as data_dir:
-        env = {
-            "STATEHUB_DATA_DIR": data_dir,
-            "STATEHUB_S3_ENDPOINT": moto.endpoint,
-            "STATEHUB_S3_BUCKET": bucket,
-            "STATEHUB_S3_ACCESS_KEY_ID": S3_TEST_KEYS["s3_access_key_id"],
-            "STATEHUB_S3_SECRET_ACCESS_KEY": S3_TEST_KEYS["s3_secret_access_key"],
-        }
-        server = start_statehub(env, port)
-        rows = []
-        try:
-            with Client(f"http://127.0.0.1:{port}") as hub:
-                bench = Bench(moto.endpoint, bucket, hub, server.pid)
-                for size in sizes:
-                    layers = max(1, size // 4)
-                    plain = body_state_dict(size, torch.float32, 30)
-                    target = LinearNet(layers, 30)
-                    rows.append(bench.case("a exact", size, plain, target, lambda sd: sd, repeats))
-                    wrapped = {f"module.{k}": v for k, v in plain.items()}
-                    rows.append(
-                        bench.case(
-                            "b renames",
-                            size,
-                            wrapped,
-                            target,
-                            lambda sd: {k.removeprefix("module."): v for k, v in sd.items()},
-                            repeats,
-                        )
+@dataclass
+class SizeResult:
+    rows: list[FetchRow]
+    push: PushRow  # case (a): fresh fp32 bytes, the push the issue compares
+    failures: list[str]
+
+
+def push_all(
+    stack: Stack, hub: Client, server_pid: int, cases: Sequence[Case], size: int, repeats: int
+) -> tuple[PushRow, dict[str, Timing]]:
+    """Push every case both ways and time the do-it-yourself fetches (server-independent)."""
+    pushes = [push(stack, hub, server_pid, case, size) for case in cases]
+    diy = {
+        case.key: timed(
+            lambda case=case: diy_fetch(stack, diy_key(case, size), case), repeats, case.check
+        )
+        for case in cases
+    }
+    return pushes[0], diy
+
+
+def measure_size(
+    stack: Stack, size: int, repeats: int, which: str = "abc", variants: Sequence[str] = ()
+) -> SizeResult:
+    """Push every case at ``size``, then fetch each both ways on every server variant.
+
+    A fetch that fails or returns wrong values is recorded and the others still run.
+    """
+    target = target_net(layers_for(size), CLASSES)
+    cases = build_cases(size, target, which)
+    rows: list[FetchRow] = []
+    failures: list[str] = []
+    pushed: tuple[PushRow, dict[str, Timing]] | None = None
+    for variant in variants or VARIANTS:
+        with stack.server(**VARIANTS[variant]) as server, Client(server.url) as hub:
+            pushed = pushed or push_all(stack, hub, server.pid, cases, size, repeats)
+            for case in cases:
+                try:
+                    timing, growth = hub_fetch(hub, server.pid, case, size, target, repeats)
+                except Exception as exc:  # reported with the figures, fails the section
+                    failures.append(
+                        f"{case.label}, {size} MiB, {variant} server: {type(exc).__name__}: {exc}"
                     )
-                    half = body_state_dict(size, torch.float16, 1000)
-                    own = target.state_dict()
-
-                    def head_and_cast(sd: dict, own: dict = own) -> dict:
-                        fixed = {k: v.float() for k, v in sd.items() if not k.startswith("fc.")}
-                        return fixed | {k: v for k, v in own.items() if k.startswith("fc.")}
-
-                    rows.append(
-                        bench.case("c head+cast", size, half, target, head_and_cast, repeats)
+                    continue
+                checkpoint_mib = nbytes(case.source) / MiB
+                result_bytes = nbytes(target.state_dict())
+                diy = pushed[1][case.key]
+                rows.append(
+                    FetchRow(
+                        case.key, case.label, size, checkpoint_mib, result_bytes, variant,
+                        diy, timing, growth,
                     )
-                    del plain, wrapped, half
-        finally:
-            server.terminate()
-            server.wait()
-            moto.stop()
-    return rows
+                )  # fmt: skip
+    assert pushed is not None
+    return SizeResult(rows, pushed[0], failures)
 
 
-def report(rows: list[dict[str, object]], repeats: int) -> str:
-    lines = [
-        "# Fetch and push: statehub against do-it-yourself",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__}; S3 protocol: moto's server "
-        "on loopback; statehub on SQLite + that S3 bucket. Median of "
-        f"{repeats} fetches after a warm-up; one push each.",
-        "Command: `python -m benchmarks.fetch_vs_diy`.",
-        "",
-        "Ratios are do-it-yourself time / statehub time: above 1 statehub is faster.",
-        "",
-        "| case | checkpoint MiB | DIY fetch s | statehub fetch s | fetch ratio | push ratio "
-        "| server peak growth MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def _meets(value: float, target: float) -> str:
+    return "yes" if value >= target else "**no**"
+
+
+def fetch_table(rows: Sequence[FetchRow]) -> str:
+    body = []
     for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['size_mib']:.0f} | {r['diy_s']:.2f} | {r['statehub_s']:.2f} "
-            f"| {r['fetch_ratio']:.2f} | {r['push_ratio']:.2f} | {r['server_growth_mib']:.0f} |"
+        goal = FETCH_TARGETS[r.key]
+        first_ratio, median_ratio = r.diy.median / r.hub.first, r.diy.median / r.hub.median
+        body.append(
+            (
+                r.label,
+                r.checkpoint_mib,
+                r.variant,
+                r.diy.median,
+                r.hub.first,
+                r.hub.median,
+                first_ratio,
+                median_ratio,
+                f">= {goal:.2f}",
+                f"{_meets(first_ratio, goal)} / {_meets(median_ratio, goal)}",
+                r.server_mib,
+            )
         )
-    return "\n".join(lines) + "\n"
+    headers = (
+        "case",
+        "checkpoint MiB",
+        "server",
+        "DIY s (median)",
+        "statehub first s",
+        "statehub median s",
+        "ratio first",
+        "ratio median",
+        "target",
+        "meets (first / median)",
+        "server peak +MiB",
+    )
+    return table(headers, body)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="100,1000", help="checkpoint sizes in MiB")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    rows = run([int(s) for s in args.sizes.split(",")], args.repeats)
-    text = report(rows, args.repeats)
-    RESULTS.write_text(text)
-    print(text)
+def push_table(rows: Sequence[PushRow]) -> str:
+    body = [
+        (
+            r.size_mib,
+            r.diy_s,
+            r.hub_s,
+            r.diy_s / r.hub_s,
+            f">= {PUSH_TARGET:.2f}",
+            _meets(r.diy_s / r.hub_s, PUSH_TARGET),
+            r.server_mib,
+        )
+        for r in rows
+    ]
+    headers = (
+        "checkpoint MiB",
+        "boto3 upload_file s",
+        "statehub push s",
+        "ratio",
+        "target",
+        "meets",
+        "server peak +MiB",
+    )
+    return table(headers, body)
 
 
-if __name__ == "__main__":
-    main()
+def report(
+    rows: Sequence[FetchRow], pushes: Sequence[PushRow], repeats: int, failures: Sequence[str]
+) -> Report:
+    out = Report("fetch_vs_diy", "Fetch and push: statehub against do-it-yourself")
+    out.add(
+        "S3 protocol: moto's server on loopback; statehub on SQLite + a bucket on that server. "
+        "Ratios are do-it-yourself time / statehub time: above 1 statehub is faster. "
+        f"DIY: median of {repeats} fetches after a first one. statehub: `first` is the first "
+        f"fetch on that server, `median` the median of the {repeats} after it.",
+        "How to read (c): on the `streaming` server (the first one started) the first fetch is "
+        "**cold**: the fit is computed (every tensor decoded and cast) and written to the fit "
+        "cache; the repeats are **warm**, served from the cached blob. The `presign` server "
+        "starts after it, so all its (c) fetches are warm. (a) needs no fit; (b) is a rewrite.",
+        fetch_table(rows),
+        "## Push (case a: fp32 bytes new to the registry, timed once)",
+        push_table(pushes),
+    )
+    out.fail(failures)
+    return out

@@ -2,33 +2,39 @@
 
 The source is a ResNet-like checkpoint saved through DataParallel in fp16 with a 1000-class
 head; the target is the plain fp32 model with 30 classes, so every plan runs the prefix
-search, exact matching, a head decision and dtype casts — the common real case.
-
-    python -m benchmarks.plan_latency            # prints a table, writes results/plan_latency.md
+search, exact matching, a head decision and dtype casts: the common real case.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import httpx
 import torch
 
+from benchmarks.harness import Report, Stack, table, timed
 from service.core.plan import Policy
 from service.core.planner import plan
 from service.core.spec import ArchSpec
+from statehub import Client
 
 SIZES = (100, 1_000, 10_000)
 TARGETS_MS = {100: 20, 1_000: 100, 10_000: 1_000}
-RESULTS = Path(__file__).parent / "results" / "plan_latency.md"
+DTYPES = {"F16": torch.float16, "I64": torch.int64, "F32": torch.float32}
+EXPECTED_VERDICT = "partial"  # the head is reset: anything else means the plan went wrong
+
+
+@dataclass
+class PlanRow:
+    tensors: int
+    planner_ms: float
+    http_ms: float
+
+    @property
+    def target_ms(self) -> int:
+        return TARGETS_MS.get(self.tensors, TARGETS_MS[min(TARGETS_MS)])
 
 
 def resnet_like(tensors: int, *, prefix: str, dtype: str, classes: int) -> ArchSpec:
@@ -50,76 +56,56 @@ def resnet_like(tensors: int, *, prefix: str, dtype: str, classes: int) -> ArchS
     return ArchSpec.of(entries)
 
 
-def median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+def _check_verdict(response: httpx.Response) -> None:
+    verdict = response.raise_for_status().json()["plan"]["verdict"]
+    if verdict != EXPECTED_VERDICT:
+        raise AssertionError(f"plan verdict {verdict!r}, expected {EXPECTED_VERDICT!r}")
 
 
-def start_server(data_dir: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "STATEHUB_DATA_DIR": data_dir, "STATEHUB_PORT": str(port)}
-    process = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], env=env)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not start")
-
-
-def push_spec(url: str, name: str, spec: ArchSpec) -> None:
-    from statehub import Client
-
-    dtypes = {"F16": torch.float16, "I64": torch.int64, "F32": torch.float32}
-    state_dict = {t.key: torch.zeros(t.shape, dtype=dtypes[t.dtype]) for t in spec.tensors}
-    with Client(url) as hub:
-        hub.push(name, state_dict)
-
-
-def main() -> None:
-    port = 18731
+def measure(stack: Stack, sizes: Sequence[int], repeats: int | None = None) -> list[PlanRow]:
+    """Median of repeats (50, or 10 for 10,000 tensors) after a first, untimed-in-median run."""
     rows = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = start_server(data_dir, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for size in SIZES:
-                source = resnet_like(size, prefix="module.", dtype="F16", classes=1000)
-                target = resnet_like(size, prefix="", dtype="F32", classes=30)
-                repeats = 50 if size <= 1_000 else 10
-                in_process = median_ms(partial(plan, source, target, policy=Policy()), repeats)
-                push_spec(url, f"bench/plan-{size}", source)
-                body = {"target": target.to_json(), "policy": {}}
-                with httpx.Client(base_url=url, timeout=60) as http:
-                    path = f"/v1/models/bench/plan-{size}/versions/latest/plan"
-                    verdict = http.post(path, json=body).json()["plan"]["verdict"]
-                    round_trip = median_ms(partial(http.post, path, json=body), repeats)
-                rows.append((size, in_process, round_trip, TARGETS_MS[size], verdict))
-        finally:
-            server.terminate()
-            server.wait()
-    lines = [
-        "# Plan latency",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}. "
-        "Median of repeated runs (10-50), one warm-up each.",
-        "Command: `python -m benchmarks.plan_latency`.",
-        "",
-        "| tensors | planner (server-side) ms | HTTP round trip ms | target ms | verdict |",
-        "|---:|---:|---:|---:|---|",
-    ]
-    lines += [f"| {s:,} | {p:.1f} | {r:.1f} | < {t:,} | {v} |" for s, p, r, t, v in rows]
-    text = "\n".join(lines) + "\n"
-    RESULTS.write_text(text)
-    print(text)
+    with (
+        stack.server() as server,
+        Client(server.url) as hub,
+        httpx.Client(base_url=server.url, timeout=120) as http,
+    ):
+        for size in sizes:
+            count = repeats or (50 if size <= 1_000 else 10)
+            source = resnet_like(size, prefix="module.", dtype="F16", classes=1000)
+            target = resnet_like(size, prefix="", dtype="F32", classes=30)
+            in_process = timed(partial(plan, source, target, policy=Policy()), count, _no_check)
+            zeros = {t.key: torch.zeros(t.shape, dtype=DTYPES[t.dtype]) for t in source.tensors}
+            hub.push(f"bench/plan-{size}", zeros)
+            path = f"/v1/models/bench/plan-{size}/versions/latest/plan"
+            body = {"target": target.to_json(), "policy": {}}
+            round_trip = timed(partial(http.post, path, json=body), count, _check_verdict)
+            rows.append(PlanRow(size, in_process.median * 1000, round_trip.median * 1000))
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+def _no_check(_: object) -> None:
+    pass
+
+
+def report(rows: Sequence[PlanRow]) -> Report:
+    out = Report("plan_latency", "Plan latency")
+    out.add(
+        "A DataParallel fp16 ResNet-like checkpoint with a 1000-class head planned onto the "
+        "plain fp32 model with 30 classes. Median of repeated runs (50; 10 at 10,000 "
+        "tensors) after a first one. Every HTTP answer is checked (verdict `partial`).",
+        table(
+            ("tensors", "planner (server-side) ms", "HTTP round trip ms", "target ms", "meets"),
+            [
+                (
+                    r.tensors,
+                    r.planner_ms,
+                    r.http_ms,
+                    f"< {r.target_ms:,}",
+                    "yes" if r.http_ms < r.target_ms else "**no**",
+                )
+                for r in rows
+            ],
+        ),
+    )
+    return out
