@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import httpx
 import torch
 
+from statehub import _dedup
 from statehub._errors import (
     ConnectionFailed,
     IntegrityError,
@@ -35,7 +36,6 @@ from statehub._tensors import (
     safetensors_header,
     spec_of,
     state_dict_of,
-    tensor_bytes,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -205,9 +205,9 @@ class Client:
             params["alias"] = alias
         if metadata:
             params["metadata"] = json.dumps(metadata)
-        if not isinstance(obj, (str, Path)):
-            items = dedupe_tied(state_dict_of(obj))
-            composed = self._push_composed(model, items, params, progress)
+        pushable = self._pushable(obj, ema)
+        if pushable is not None:
+            composed = self._push_composed(model, pushable, params, progress)
             if composed is not None:
                 return composed
         body, length = self._upload_body(obj)
@@ -231,42 +231,31 @@ class Client:
     def _push_composed(
         self,
         model: str,
-        items: list[tuple[str, torch.Tensor]],
+        pushable: _dedup.Pushable,
         params: dict[str, Any],
         progress: Progress | None,
     ) -> Version | None:
         """Upload only the tensors the registry lacks, then compose the version from its
         header and every tensor's hash. None when a plain upload is the better push (most
         bytes are new) or the server cannot compose."""
-        header = safetensors_header(items)
-        file_hash = hashlib.sha256(header)
-        hashes: dict[str, str] = {}
-        sizes: dict[str, int] = {}
-        for key, tensor in items:
-            data = tensor_bytes(tensor)
-            file_hash.update(data)
-            hashes[key] = hashlib.sha256(data).hexdigest()
-            sizes[hashes[key]] = len(data)
         try:
             answer = self._json(
-                "POST", f"/v1/models/{model}/tensors/missing", json={"sha256": list(sizes)}
+                "POST", f"/v1/models/{model}/tensors/missing", json={"sha256": list(pushable.sizes)}
             )
         except NotFound:
             return None  # a server without deduplication
         missing = set(answer["missing"])
-        missing_bytes = sum(sizes[sha] for sha in missing)
-        if missing_bytes > (1 - answer["min_shared_fraction"]) * sum(sizes.values()):
+        missing_bytes = sum(pushable.sizes[sha] for sha in missing)
+        if missing_bytes > (1 - answer["min_shared_fraction"]) * sum(pushable.sizes.values()):
             return None
-        self._upload_tensors(model, items, hashes, missing, progress)
-        body = {
-            "header": header[8:].decode(),
-            "size": len(header) + sum(sizes[h] for h in hashes.values()),
-            "tensors": hashes,
-        }
+        self._upload_tensors(model, pushable, missing, progress)
         try:
             response = self._send(
                 lambda: self._http.build_request(
-                    "POST", f"/v1/models/{model}/versions/compose", params=params, json=body
+                    "POST",
+                    f"/v1/models/{model}/versions/compose",
+                    params=params,
+                    json=pushable.compose_body(),
                 ),
                 retry=True,  # safe: the same header and hashes return the same version
             )
@@ -277,44 +266,49 @@ class Client:
         finally:
             response.close()
         version = Version.from_json(response.json(), created=response.status_code == 201)
-        if version.digest != file_hash.hexdigest():
+        if version.digest != pushable.digest:
             raise IntegrityError(
                 f"the server composed a file with digest {version.digest}; "
-                f"the pushed state_dict hashes to {file_hash.hexdigest()}"
+                f"the pushed checkpoint hashes to {pushable.digest}"
             )
         return version
 
     def _upload_tensors(
         self,
         model: str,
-        items: list[tuple[str, torch.Tensor]],
-        hashes: dict[str, str],
+        pushable: _dedup.Pushable,
         missing: set[str],
         progress: Progress | None,
     ) -> None:
-        pending = [(key, t) for key, t in items if hashes[key] in missing]
-        total = sum(t.numel() * t.element_size() for _, t in pending)
+        """Each missing tensor once (the same bytes under two keys are one upload)."""
+        pending = {sha: key for key, sha in pushable.hashes.items() if sha in missing}
+        total = sum(pushable.sizes[sha] for sha in pending)
         done = 0
-        for key, tensor in pending:
-            sha = hashes[key]
-            if sha not in missing:
-                continue  # the same bytes under another key: sent once
-            missing.discard(sha)
-            data = bytes(tensor_bytes(tensor))
-            response = self._send(
-                lambda data=data, sha=sha: self._http.build_request(
-                    "PUT",
-                    f"/v1/models/{model}/tensors/{sha}",
-                    content=data,
-                    headers={"Content-Type": "application/octet-stream"},
-                    timeout=httpx.Timeout(None, connect=10.0),
-                ),
-                retry=True,  # content-addressed: storing twice is harmless
+        for sha, key in pending.items():
+            data = pushable.read(key)
+            self._json(  # content-addressed: storing twice is harmless, so retries are safe
+                "PUT",
+                f"/v1/models/{model}/tensors/{sha}",
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=httpx.Timeout(None, connect=10.0),
             )
-            response.close()
             done += len(data)
             if progress is not None:
                 progress(done, total)
+
+    @staticmethod
+    def _pushable(obj: Any, ema: bool) -> _dedup.Pushable | None:
+        """A state_dict or a .safetensors file can be pushed tensor by tensor; torch files
+        are the server's to unpack, and ``ema`` asks it to."""
+        if ema:
+            return None
+        if not isinstance(obj, (str, Path)):
+            return _dedup.of_state_dict(dedupe_tied(state_dict_of(obj)))
+        path = Path(obj)
+        if path.suffix not in SAFETENSORS_SUFFIXES or not path.is_file():
+            return None
+        return _dedup.of_safetensors_file(path)
 
     @staticmethod
     def _upload_body(obj: Any) -> tuple[Callable[[], Iterator[bytes]], int]:

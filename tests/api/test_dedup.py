@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import torch
 from safetensors.torch import save as st_save
 
-from statehub import Client, StorageError, TensorsMissing
+from statehub import Client, InvalidCheckpoint, StorageError, TensorsMissing, Version
 from statehub._errors import raise_for_status
 from tests._metrics import scrape
 from tests.api.conftest import Deployment
@@ -50,12 +50,13 @@ def stored_bytes(deployment: Deployment) -> int:
     return sum(blob.size for blob in deployment.store().iter_stored())
 
 
-def push_file(hub: Client, ref: str, state: dict[str, torch.Tensor], where: Path) -> Any:
-    """A plain upload of the safetensors file (the server deduplicates on its side)."""
-    path = where / "checkpoint.safetensors"
+def upload(hub: Client, ref: str, state: dict[str, torch.Tensor]) -> tuple[Version, bytes]:
+    """A plain upload of the whole safetensors file (the server deduplicates on its side)."""
+    namespace, name = ref.split("/")
     body = st_save(state)
-    path.write_bytes(body)
-    version = hub.push(ref, path)
+    response = httpx.post(f"{hub.url}/v1/models/{namespace}/{name}/versions", content=body)
+    assert response.status_code == 201, response.text
+    version = Version.from_json(response.json())
     assert version.digest == hashlib.sha256(body).hexdigest()
     return version, body
 
@@ -79,12 +80,12 @@ def test_a_fine_tune_is_stored_as_its_new_tensors(
     deployment: Deployment, hub: Client, ns: str, tmp_path: Path
 ) -> None:
     base = backbone(seed=1)
-    first, _ = push_file(hub, f"{ns}/clf", fine_tune(base, 0), tmp_path)
+    first, _ = upload(hub, f"{ns}/clf", fine_tune(base, 0))
     assert first.ingest["storage"]["composed"] is False
     before = stored_bytes(deployment)
 
     tuned = fine_tune(base, 1)
-    second, body = push_file(hub, f"{ns}/clf", tuned, tmp_path)
+    second, body = upload(hub, f"{ns}/clf", tuned)
     storage = second.ingest["storage"]
     assert storage["composed"] is True
     head_bytes = tuned["head.weight"].nbytes + tuned["head.bias"].nbytes
@@ -140,6 +141,27 @@ def test_a_client_push_uploads_only_missing_tensors(
     assert other.digest == second.digest and other.ingest["storage"]["composed"] is True
 
 
+def test_a_safetensors_file_push_uploads_only_missing_tensors(
+    server: Any, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    base = backbone(seed=7)
+    hub.push(f"{ns}/clf", fine_tune(base, 0))
+    tuned = fine_tune(base, 1)
+    path = tmp_path / "tuned.safetensors"
+    path.write_bytes(st_save(tuned))  # sorted keys: another layout than the client's own
+    sent = pushed_bytes(server.url)
+    version = hub.push(f"{ns}/clf", path)
+    assert (
+        pushed_bytes(server.url) - sent == tuned["head.weight"].nbytes + tuned["head.bias"].nbytes
+    )
+    assert version.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert version.ingest["storage"]["composed"] is True
+    assert hub.pull(f"{ns}/clf:2", tmp_path / "back.safetensors").read_bytes() == path.read_bytes()
+    # ema asks the server to unpack a snapshot: such a push is a plain upload (refused here).
+    with pytest.raises(InvalidCheckpoint):
+        hub.push(f"{ns}/clf", path, ema=True)
+
+
 def st_save_ordered(state: dict[str, torch.Tensor]) -> bytes:
     """The file the client builds: tensors in state_dict order (safetensors sorts them)."""
     from statehub._tensors import iter_safetensors, safetensors_header
@@ -190,13 +212,11 @@ def test_compose_refuses_what_it_cannot_vouch_for(
     assert httpx.get(f"{hub.url}/v1/models/{ns}/clf").status_code == 404  # no model made
 
 
-def test_gc_keeps_what_composed_versions_read(
-    deployment: Deployment, hub: Client, ns: str, tmp_path: Path
-) -> None:
+def test_gc_keeps_what_composed_versions_read(deployment: Deployment, hub: Client, ns: str) -> None:
     base = backbone(seed=4)
-    push_file(hub, f"{ns}/clf", fine_tune(base, 0), tmp_path)
+    upload(hub, f"{ns}/clf", fine_tune(base, 0))
     tuned = fine_tune(base, 1)
-    push_file(hub, f"{ns}/clf", tuned, tmp_path)
+    upload(hub, f"{ns}/clf", tuned)
     hub.delete_version(f"{ns}/clf:1", hard=True)
     hub.gc(grace_s=0)
     fetched = hub.fetch(f"{ns}/clf:2", target=tuned)  # v1's blob still holds the backbone
@@ -216,19 +236,19 @@ def test_gc_keeps_what_composed_versions_read(
     finally:
         engine.dispose()
     assert rows == []  # forgotten with their blobs: the next push stores them whole
-    again, _ = push_file(hub, f"{ns}/clf2", tuned, tmp_path)
+    again, _ = upload(hub, f"{ns}/clf2", tuned)
     assert again.ingest["storage"]["composed"] is False
 
 
 def test_a_corrupted_shared_blob_is_not_served(
-    deployment: Deployment, hub: Client, ns: str, tmp_path: Path
+    deployment: Deployment, hub: Client, ns: str
 ) -> None:
     from tests.api.test_integrity import flip_stored_byte
 
     base = backbone(seed=5)
-    first, _ = push_file(hub, f"{ns}/clf", fine_tune(base, 0), tmp_path)
+    first, _ = upload(hub, f"{ns}/clf", fine_tune(base, 0))
     tuned = fine_tune(base, 1)
-    push_file(hub, f"{ns}/clf", tuned, tmp_path)
+    upload(hub, f"{ns}/clf", tuned)
     flip_stored_byte(deployment.servers[-1], first.digest, 4096)  # inside the backbone
     with pytest.raises(StorageError):
         hub.fetch(f"{ns}/clf:2", target=tuned)
