@@ -101,15 +101,18 @@ class VersionOut(BaseModel):
     created_by: str
     created_at: datetime
     spec: dict[str, Any] | None = None
+    # With the spec: each tensor's sha256 (versions pushed before deduplication have none).
+    tensor_sha256: dict[str, str] | None = None
 
     @classmethod
     def of(cls, version: Version, *, aliases: list[str], with_spec: bool) -> VersionOut:
         model = f"{version.model.namespace}/{version.model.name}"
-        spec = None
+        spec = hashes = None
         if with_spec:
+            hashes = {t["key"]: t["sha256"] for t in version.spec["tensors"] if "sha256" in t}
             spec = {
                 "tensors": [
-                    {k: t[k] for k in ("key", "shape", "dtype", "sha256") if k in t}
+                    {"key": t["key"], "shape": t["shape"], "dtype": t["dtype"]}
                     for t in version.spec["tensors"]
                 ],
                 "tie_groups": version.spec.get("tie_groups", []),
@@ -131,6 +134,7 @@ class VersionOut(BaseModel):
             created_by=version.created_by,
             created_at=version.created_at,
             spec=spec,
+            tensor_sha256=hashes,
         )
 
 
