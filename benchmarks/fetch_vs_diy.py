@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import httpx
 import torch
 
 from benchmarks.harness import (
@@ -36,8 +37,10 @@ from benchmarks.harness import (
     table,
     target_net,
     timed,
+    wait_idle,
 )
 from statehub import Client
+from statehub._tensors import spec_of
 
 VARIANTS: dict[str, dict[str, str]] = {
     "streaming": {"presign_fetch": "false"},
@@ -77,6 +80,7 @@ class FetchRow:
     diy: Timing
     hub: Timing
     server_mib: float  # the server's peak RSS above idle over these fetches
+    served: str  # how the server answers the same fetch after the repeats (X-Statehub-Fetch-Mode)
 
 
 @dataclass
@@ -130,6 +134,7 @@ def diy_fetch(stack: Stack, key: str, case: Case) -> dict[str, torch.Tensor]:
 
 def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> PushRow:
     """Both pushes of ``case``, timed once: the bytes are new to the registry only once."""
+    wait_idle(server_pid)
     with PeakGrowth(server_pid) as growth:
         hub_s, _ = seconds(lambda: hub.push(model_name(case.key, size), case.source))
     with tempfile.NamedTemporaryFile(suffix=".pth", dir=stack.data_dir) as handle:
@@ -143,11 +148,27 @@ def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> P
 def hub_fetch(
     hub: Client, server_pid: int, case: Case, size: int, target: torch.nn.Module, repeats: int
 ) -> tuple[Timing, float]:
+    wait_idle(server_pid)  # the previous case's background work is not this one's time
     with PeakGrowth(server_pid) as growth:
         timing = timed(
-            lambda: hub.fetch(model_name(case.key, size), target=target), repeats, case.check
+            lambda: hub.fetch(model_name(case.key, size), target=target),
+            repeats,
+            case.check,
+            settle=lambda: wait_idle(server_pid),
         )
     return timing, growth.mib
+
+
+def served_as(url: str, case: Case, size: int, target: torch.nn.Module) -> str:
+    """How the server makes this fetch's body now: its fetch mode, and whether it redirects.
+    Only the headers are read."""
+    path = f"/v1/models/{model_name(case.key, size)}/versions/latest/fetch"
+    body = {"target": spec_of(target), "policy": {}}
+    with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", path, json=body) as r:
+        if r.status_code >= 400:
+            r.raise_for_status()
+        mode = r.headers.get("x-statehub-fetch-mode", "?")
+        return f"{mode}, 303 to S3" if r.status_code == 303 else mode
 
 
 @dataclass
@@ -162,6 +183,7 @@ def push_all(
 ) -> tuple[PushRow, dict[str, Timing]]:
     """Push every case both ways and time the do-it-yourself fetches (server-independent)."""
     pushes = [push(stack, hub, server_pid, case, size) for case in cases]
+    wait_idle(server_pid)
     diy = {
         case.key: timed(
             lambda case=case: diy_fetch(stack, diy_key(case, size), case), repeats, case.check
@@ -189,6 +211,7 @@ def measure_size(
             for case in cases:
                 try:
                     timing, growth = hub_fetch(hub, server.pid, case, size, target, repeats)
+                    served = served_as(server.url, case, size, target)
                 except Exception as exc:  # reported with the figures, fails the section
                     failures.append(
                         f"{case.label}, {size} MiB, {variant} server: {type(exc).__name__}: {exc}"
@@ -200,7 +223,7 @@ def measure_size(
                 rows.append(
                     FetchRow(
                         case.key, case.label, size, checkpoint_mib, result_bytes, variant,
-                        diy, timing, growth,
+                        diy, timing, growth, served,
                     )
                 )  # fmt: skip
     assert pushed is not None
@@ -228,6 +251,7 @@ def fetch_table(rows: Sequence[FetchRow]) -> str:
                 median_ratio,
                 f">= {goal:.2f}",
                 f"{_meets(first_ratio, goal)} / {_meets(median_ratio, goal)}",
+                r.served,
                 r.server_mib,
             )
         )
@@ -242,6 +266,7 @@ def fetch_table(rows: Sequence[FetchRow]) -> str:
         "ratio median",
         "target",
         "meets (first / median)",
+        "repeats served as",
         "server peak +MiB",
     )
     return table(headers, body)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psutil
 import torch
 
 from service.storage.blobs import S3BlobStore
@@ -110,11 +111,18 @@ def seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
-def timed(fn: Callable[[], Any], repeats: int, check: Callable[[Any], None]) -> Timing:
-    """Time ``fn`` once, then ``repeats`` more times; ``check`` every result, untimed."""
+def timed(
+    fn: Callable[[], Any],
+    repeats: int,
+    check: Callable[[Any], None],
+    settle: Callable[[], None] = lambda: None,
+) -> Timing:
+    """Time ``fn`` once, then ``repeats`` more times; ``check`` every result and ``settle``
+    after the first call, untimed."""
     first, result = seconds(fn)
     check(result)
     del result  # the next call must not have two results alive
+    settle()
     timing = Timing(first)
     for _ in range(repeats):
         elapsed, result = seconds(fn)
@@ -133,6 +141,15 @@ def proc_status_kib(pid: int | str, name: str) -> int:
         if line.startswith(f"{name}:"):
             return int(line.split()[1])
     raise KeyError(name)
+
+
+def wait_idle(pid: int, *, busy_percent: float = 10.0, timeout: float = 60.0) -> None:
+    """Until the process stops working in the background (the fit cache writing what a
+    fetch computed): a repeat must measure the warm path, not race the cold one's tail."""
+    process = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.cpu_percent(interval=0.25) > busy_percent:
+        pass
 
 
 class PeakGrowth:

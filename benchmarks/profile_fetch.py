@@ -1,0 +1,94 @@
+"""Where the time of an exact (a) and a rename-only (b) fetch goes, on both sides.
+
+Client: cProfile around ``Client.fetch`` (cumulative and own time). Server: ``py-spy``
+(``pip install py-spy``; not a project dependency) attached to the server process while the
+client fetches, summarised by own time. Not part of ``benchmarks.run``: a tool for reading.
+
+    python -m benchmarks.profile_fetch [--size 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.fetch_vs_diy import CLASSES, build_cases, model_name
+from benchmarks.harness import Services, layers_for, target_net
+from statehub import Client
+
+
+def client_profile(hub: Client, name: str, target, repeats: int) -> str:  # type: ignore[no-untyped-def]
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(repeats):
+        hub.fetch(name, target=target)
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(12)
+    return out.getvalue()
+
+
+def server_profile(pid: int, output: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server's busy threads until it gets SIGINT (then it writes)."""
+    if shutil.which("py-spy") is None:
+        return None
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
+         "--rate", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1)  # attached before the fetches start
+    return spy
+
+
+def own_time(raw: Path, top: int = 15) -> str:
+    """py-spy's collapsed stacks, summed by the innermost frame (own time) and by thread."""
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaves[stack.split(";")[-1]] += int(count)
+        total += int(count)
+    return "\n".join(f"{n / total:6.1%}  {leaf}" for leaf, n in leaves.most_common(top))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="checkpoint MiB")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    target = target_net(layers_for(args.size), CLASSES)
+    cases = build_cases(args.size, target, "ab")
+    with Services() as services, tempfile.TemporaryDirectory() as scratch:
+        stack = services.stack()
+        with stack.server() as server, Client(server.url) as hub:
+            for case in cases:
+                hub.push(model_name(case.key, args.size), case.source)
+                hub.fetch(model_name(case.key, args.size), target=target)  # warm-up
+            time.sleep(5)  # background work of the warm-ups (the fit cache's write) is done
+            for case in cases:
+                raw = Path(scratch) / f"{case.key}.txt"
+                spy = server_profile(server.pid, raw)
+                name = model_name(case.key, args.size)
+                print(f"== {case.label}: client (cProfile, own time)")
+                print(client_profile(hub, name, target, args.repeats))
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                    print(f"== {case.label}: server (py-spy, own time of busy samples)")
+                    print(own_time(raw))
+
+
+if __name__ == "__main__":
+    main()
