@@ -9,6 +9,11 @@ and the upload, waiting for the lock, finds the blob gone and stores it again; o
 does, and gc leaves the blob alone. The grace period (blob and temp-file age) is a second
 guard, for writes that take no lease; a lease left by a crashed upload expires after
 ``upload_lease_s``.
+
+Fit cache entries (``service.fit_cache``) reference blobs too. gc first evicts the entries
+unused for ``fit_cache_ttl_s``; their blobs are then unreferenced and collected like any
+other (grace included). A dry run counts the entries it would evict, and since they stay,
+does not list their blobs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from service import fit_cache
 from service.errors import StorageError
 from service.settings import Settings
 from service.storage import repositories as repo
@@ -39,6 +45,7 @@ class GcReport:
     blobs_kept: int
     temp_files_deleted: list[str]
     leases_expired: int
+    fit_cache_evicted: int = 0  # entries unused for fit_cache_ttl_s (their blobs follow)
 
 
 def collect(
@@ -54,6 +61,8 @@ def collect(
     now = utcnow()
     cutoff = now - timedelta(seconds=grace_s)
     with db.session() as session:
+        # First, so an evicted entry's blob is collected by this very run (under the grace).
+        evicted = fit_cache.evict_unused(session, settings, dry_run=dry_run)
         in_use = repo.digests_in_use(session, now=now)
         expired = 0 if dry_run else repo.delete_expired_leases(session, now=now)
     deleted: list[str] = []
@@ -67,7 +76,7 @@ def collect(
             kept += 1
     temp = blobs.remove_stale_temp(cutoff, dry_run=dry_run)
     temp += _remove_stale_spool(settings.effective_spool_dir, cutoff, dry_run=dry_run)
-    report = GcReport(dry_run, grace_s, deleted, freed, kept, temp, expired)
+    report = GcReport(dry_run, grace_s, deleted, freed, kept, temp, expired, evicted)
     with db.session() as session:
         repo.record_event(
             session,
@@ -81,9 +90,16 @@ def collect(
                 "blobs_deleted": len(deleted),
                 "bytes_freed": freed,
                 "temp_files_deleted": len(temp),
+                "fit_cache_evicted": evicted,
             },
         )
-    log.info("gc: %d blob(s), %d bytes, %d temp file(s)", len(deleted), freed, len(temp))
+    log.info(
+        "gc: %d blob(s), %d bytes, %d temp file(s), %d fit cache entr(ies)",
+        len(deleted),
+        freed,
+        len(temp),
+        evicted,
+    )
     return report
 
 

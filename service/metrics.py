@@ -175,7 +175,23 @@ TENSORS_DECODED = Counter(
     "statehub_fetch_tensors_decoded_total", "Tensors decoded and transformed by fetches."
 )
 BYTES_FETCHED = Counter("statehub_fetch_bytes_total", "Bytes of fetch bodies sent.")
-FETCHES = Counter("statehub_fetches_total", "Fetches by body layout.", labels=("mode",))
+FETCHES = Counter(
+    "statehub_fetches_total",
+    "Fetches by how the body was served: passthrough, rewrite, transform, cached (a fit "
+    "cache hit streamed) or redirect (303 to a presigned store URL).",
+    labels=("mode",),
+)
+FIT_CACHE = Counter(
+    "statehub_fit_cache_total",
+    "Fit cache events: hit, miss, stored, skipped (spool short or failing), failed (store "
+    "refused), dropped (cached blob missing or corrupted), evicted (by gc).",
+    labels=("event",),
+)
+PRESIGNED_REDIRECTS = Counter(
+    "statehub_presigned_redirects_total",
+    "Responses answered 303 to a presigned blob store URL, by route (fetch, blob).",
+    labels=("route",),
+)
 FETCHES_IN_FLIGHT = Gauge("statehub_fetches_in_flight", "Fetch bodies being streamed.")
 PLAN_VERDICTS = Counter(
     "statehub_plan_verdicts_total", "Plans made, by verdict.", labels=("verdict",)
@@ -194,6 +210,8 @@ ALL: tuple[_Metric, ...] = (
     TENSORS_DECODED,
     BYTES_FETCHED,
     FETCHES,
+    FIT_CACHE,
+    PRESIGNED_REDIRECTS,
     FETCHES_IN_FLIGHT,
     PLAN_VERDICTS,
     BYTES_PUSHED,

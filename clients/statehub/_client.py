@@ -22,6 +22,7 @@ from statehub._errors import (
     IntegrityError,
     NotFound,
     StatehubError,
+    StorageError,
     TensorsMissing,
     raise_for_status,
 )
@@ -710,7 +711,7 @@ class Client:
         try:
             stream.open()
             chunks = stream.chunks(progress)
-            if stream.passthrough:  # the stored blob as it is: its digest can be checked
+            if stream.body_digest:  # a stored or cached blob as it is: its digest is known
                 chunks = _hashed(chunks, hasher)
             reader = StreamReader(chunks)
             try:
@@ -723,7 +724,7 @@ class Client:
             raise IntegrityError(
                 f"read {reader.consumed} bytes of a {stream.total}-byte fetch response"
             )
-        if stream.passthrough:
+        if stream.body_digest:
             _check_digest(stream, hasher.hexdigest())
         return tensors, metadata
 
@@ -798,7 +799,7 @@ def _download(
             os.fsync(handle.fileno())
         if written != stream.total:
             raise IntegrityError(f"received {written} of {stream.total} bytes")
-        if verify_digest or stream.passthrough:
+        if verify_digest or stream.body_digest:
             _check_digest(stream, digest.hexdigest())
         os.replace(partial, path)
     finally:
@@ -808,18 +809,26 @@ def _download(
 
 
 def _check_digest(stream: _ResumableBody, actual: str) -> None:
-    """The stored bytes arrived unchanged: their sha256 is the digest the server announced."""
-    expected = stream.digest or stream.etag.strip('"')
+    """The bytes arrived unchanged: their sha256 is the digest the server announced (the
+    body's own, ``X-Statehub-Body-Digest``; from older servers the stored blob's)."""
+    expected = stream.body_digest or stream.digest or stream.etag.strip('"')
     if not expected:
         raise IntegrityError("the server announced no digest to check the download against")
     if actual != expected:
         raise IntegrityError(
-            f"the received bytes hash to sha256 {actual}, not the stored digest {expected}"
+            f"the received bytes hash to sha256 {actual}, not the announced digest {expected}"
         )
 
 
 class _ResumableBody:
-    """A response body, resumed with ``Range`` + ``If-Range`` if the connection drops."""
+    """A response body, resumed with ``Range`` + ``If-Range`` if the connection drops.
+
+    A ``303`` (a presigned blob store URL, ``STATEHUB_PRESIGN_FETCH``) is followed here,
+    never by httpx: the store gets no ``Authorization`` (the URL is its own credential), and
+    the digest to check comes from statehub's headers on the 303. A resume asks the store
+    for the rest, and statehub (which serves ranges itself) if the store refuses, e.g. once
+    the URL expired.
+    """
 
     def __init__(
         self,
@@ -835,12 +844,22 @@ class _ResumableBody:
         self._body = body
         self._resumes = resumes
         self._response: httpx.Response | None = None
+        self._announced: httpx.Headers = httpx.Headers()  # statehub's (the 303's) headers
+        self._location = ""  # the presigned URL, once redirected
+        self._store_etag = ""  # the store's own ETag of the object, for If-Range
         self.total = 0
         self.etag = ""
         self.digest = ""  # the stored blob's sha256, as the server announces it
+        self.mode = ""  # X-Statehub-Fetch-Mode: passthrough, rewrite, transform, cached
         self.passthrough = False  # the body is the stored blob, byte for byte
+        self.body_digest = ""  # the sha256 of the whole body, when it is known beforehand
 
     def _request(self, received: int) -> httpx.Response:
+        if received and self._location:
+            from_store = self._store_get(received)
+            if from_store.status_code == 206:
+                return from_store
+            from_store.close()  # expired or changed: statehub serves the range itself
         headers = {}
         if received:
             headers = {"Range": f"bytes={received}-", "If-Range": self.etag}
@@ -855,19 +874,66 @@ class _ResumableBody:
             ),
             retry=True,
         )
+        if not received:
+            self._announced = response.headers
+        if response.status_code == 303:
+            response = self._follow(response, received)
         if received and response.status_code != 206:
             response.close()
             raise IntegrityError("the content changed while resuming; fetch again")
         return response
 
+    def _follow(self, redirect: httpx.Response, received: int) -> httpx.Response:
+        redirect.close()
+        location = redirect.headers.get("location", "")
+        if not location:
+            raise StatehubError("the server answered 303 without a Location", response=redirect)
+        self._location = str(redirect.url.join(location))
+        response = self._store_get(received)
+        if response.status_code >= 400:
+            response.read()
+            response.close()
+            raise StorageError(
+                f"the blob store answered {response.status_code} to the presigned URL",
+                response=response,
+            )
+        return response
+
+    def _store_request(self, received: int) -> httpx.Request:
+        """A GET of the presigned URL built from scratch: the client's default headers (its
+        bearer token) are never merged in, whatever host the URL names."""
+        http = self._client._http
+        headers = {"User-Agent": http.headers.get("user-agent", "statehub-client")}
+        if received:
+            headers["Range"] = f"bytes={received}-"
+            if self._store_etag:
+                headers["If-Range"] = self._store_etag
+        timeout = httpx.Timeout(http.timeout.read, connect=10.0)
+        return httpx.Request(
+            "GET", self._location, headers=headers, extensions={"timeout": timeout.as_dict()}
+        )
+
+    def _store_get(self, received: int) -> httpx.Response:
+        try:
+            return self._client._http.send(self._store_request(received), stream=True)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach the blob store: {exc}") from exc
+
     def open(self) -> None:
-        """Send the request; afterwards ``total`` and ``etag`` are known."""
+        """Send the request; afterwards ``total``, ``etag`` and the digests are known."""
         self._response = self._request(0)
         self.total = int(self._response.headers["content-length"])
-        self.etag = self._response.headers.get("etag", "")
-        headers = self._response.headers
+        if self._location:
+            self._store_etag = self._response.headers.get("etag", "")
+        headers = self._announced
+        self.etag = headers.get("etag", "")
         self.digest = headers.get("x-statehub-digest", "")
-        self.passthrough = headers.get("x-statehub-fetch-mode", "") == "passthrough"
+        self.mode = headers.get("x-statehub-fetch-mode", "")
+        self.passthrough = self.mode == "passthrough"
+        # Older servers announce no body digest; a passthrough body is the stored blob.
+        self.body_digest = headers.get("x-statehub-body-digest", "") or (
+            self.digest if self.passthrough else ""
+        )
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         """The body's bytes, in order, across as many resumed requests as it takes."""

@@ -1112,6 +1112,10 @@ def gc(ctx: click.Context, dry_run: bool, grace: int | None, as_json: bool) -> N
         f"{_human_bytes(report['bytes_freed'])}, "
         f"{len(report['temp_files_deleted'])} temp file(s); kept {report['blobs_kept']} blob(s)"
     )
+    evicted = report.get("fit_cache_evicted", 0)  # absent from older servers
+    if evicted:
+        verb = "would evict" if report["dry_run"] else "evicted"
+        click.echo(f"{verb} {evicted} unused fit cache entr{'y' if evicted == 1 else 'ies'}")
 
 
 if __name__ == "__main__":

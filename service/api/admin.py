@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
+from pydantic import Field
 
 from service import gc
 from service.api.deps import BlobStoreDep, DatabaseDep, PrincipalDep, SettingsDep
@@ -12,17 +13,24 @@ from service.api.schemas import GcOut, GcRequest
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
-@router.post("/gc", response_model=GcOut)
+class GcReportOut(GcOut):
+    fit_cache_evicted: int = Field(
+        default=0, description="fit cache entries unused for STATEHUB_FIT_CACHE_TTL_S, evicted"
+    )
+
+
+@router.post("/gc", response_model=GcReportOut)
 async def collect_garbage(
     db: DatabaseDep,
     blobs: BlobStoreDep,
     settings: SettingsDep,
     principal: PrincipalDep,
     body: GcRequest | None = None,
-) -> GcOut:
+) -> GcReportOut:
     """Delete blobs no version references (soft-deleted versions keep theirs) and temp
     files of interrupted uploads, all older than the grace period; never a blob an upload
-    in flight is about to reference (``service.gc``)."""
+    in flight is about to reference (``service.gc``). Fit cache entries unused for
+    ``STATEHUB_FIT_CACHE_TTL_S`` are evicted first, and their blobs collected with the rest."""
     principal.require_global("admin", object_type="store", object_ref="gc")
     body = body or GcRequest()
     grace_s = settings.gc_grace_s if body.grace_s is None else body.grace_s
@@ -36,4 +44,4 @@ async def collect_garbage(
             actor=principal.actor,
         )
     )
-    return GcOut(**vars(report))
+    return GcReportOut(**vars(report))

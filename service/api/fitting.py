@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header
-from fastapi.responses import StreamingResponse
+from collections.abc import Iterator
 
-from service import fitting, metrics
+from fastapi import APIRouter, Header, status
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from service import fit_cache, fitting, metrics
 from service.api.deps import (
     BlobStoreDep,
+    DatabaseDep,
     ModelNameDep,
     PrincipalDep,
     SessionDep,
@@ -20,6 +24,8 @@ from service.integrity import VerifiedBlob
 from service.settings import Settings
 from service.storage.blobs import BlobStore
 from service.storage.composed import version_bytes
+from service.storage.db import Database
+from service.storage.models import FitCacheEntry
 
 router = APIRouter(tags=["fitting"])
 
@@ -64,6 +70,7 @@ def plan(
     responses={
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "the requested byte range"},
+        303: {"description": "the body is at ``Location``, a presigned blob store URL"},
         409: {"description": "incompatible: the policy forbids what the fit needs"},
     },
 )
@@ -72,17 +79,24 @@ def fetch(
     ref: VersionRefDep,
     body: FitRequest,
     session: SessionDep,
+    db: DatabaseDep,
     settings: SettingsDep,
     blobs: BlobStoreDep,
     principal: PrincipalDep,
     range_header: str | None = Header(default=None, alias="range"),
     if_range: str | None = Header(default=None, alias="if-range"),
-) -> StreamingResponse:
+) -> Response:
     """A safetensors stream of the checkpoint fitted to the target.
 
     ``__metadata__`` carries the plan, the keys the target keeps (``statehub.keep_target``)
     and tied keys written once (``statehub.tied``). ``ETag`` identifies digest + plan;
     ``Range`` (with ``If-Range``) resumes an interrupted fetch.
+
+    ``X-Statehub-Fetch-Mode`` says how the body is made: ``passthrough`` (the stored blob),
+    ``rewrite``, ``transform``, or ``cached`` (a fitted body kept by the fit cache);
+    ``X-Statehub-Body-Digest``, when present, is the sha256 of the whole body. With
+    ``STATEHUB_PRESIGN_FETCH`` on an S3 store, a whole-body request for a stored or cached
+    blob is answered ``303`` to a presigned URL, with the same headers.
     """
     principal.require("read", name)
     result = fitting.prepare_fetch(
@@ -96,8 +110,42 @@ def fetch(
         range_header=range_header,
         if_range=if_range,
     )
-    layout, total = result.layout, result.layout.length
+    layout = result.layout
+    headers = _headers(result)
+    if layout.mode == "passthrough":
+        headers["X-Statehub-Body-Digest"] = result.version.digest
+        if _whole_stored_blob(result) and (url := _presigned(blobs, settings, headers)):
+            return _see_other(url, headers, route="fetch")
+    cacheable = settings.fit_cache and layout.mode in fit_cache.CACHEABLE_MODES
+    if cacheable:
+        entry = fit_cache.lookup(
+            session, etag=layout.etag, version_id=result.version.id, size=layout.length
+        )
+        if entry is not None and (cached := _serve_cached(result, entry, db, blobs, settings)):
+            return cached
     metrics.FETCHES.inc(layout.mode)
+    stream = fitting.stream_fetch(
+        result, _source(result, blobs, settings), chunk=settings.stream_chunk_bytes
+    )
+    background = None
+    tee = None
+    if cacheable and not result.partial:  # only a whole body is worth keeping
+        tee = fit_cache.FitTee.open(settings, layout.length)
+    if tee is not None:
+        stream = tee.wrap(stream)
+        background = BackgroundTask(
+            tee.store_later,
+            db=db,
+            blobs=blobs,
+            settings=settings,
+            etag=layout.etag,
+            version_id=result.version.id,
+        )
+    return _streamed(stream, result, headers, background=background)
+
+
+def _headers(result: fitting.FetchResult) -> dict[str, str]:
+    layout = result.layout
     headers = {
         "ETag": f'"{layout.etag}"',
         "Accept-Ranges": "bytes",
@@ -108,15 +156,76 @@ def fetch(
         "X-Statehub-Digest": result.version.digest,
     }
     if result.partial:
-        headers["Content-Range"] = f"bytes {result.start}-{result.end - 1}/{total}"
+        headers["Content-Range"] = f"bytes {result.start}-{result.end - 1}/{layout.length}"
+    return headers
+
+
+def _streamed(
+    stream: Iterator[bytes | memoryview],
+    result: fitting.FetchResult,
+    headers: dict[str, str],
+    *,
+    background: BackgroundTask | None = None,
+) -> StreamingResponse:
     return StreamingResponse(
-        fitting.stream_fetch(
-            result, _source(result, blobs, settings), chunk=settings.stream_chunk_bytes
-        ),
+        stream,
         status_code=206 if result.partial else 200,
         media_type="application/octet-stream",
         headers=headers,
+        background=background,
     )
+
+
+def _whole_stored_blob(result: fitting.FetchResult) -> bool:
+    """A whole body that is one stored blob (a composed version's is several)."""
+    return not result.partial and result.version.extents is None
+
+
+def _presigned(blobs: BlobStore, settings: Settings, headers: dict[str, str]) -> str | None:
+    """A presigned URL of the body's blob, if configured and the store has them."""
+    if not settings.presign_fetch:
+        return None
+    return blobs.presigned_url(headers["X-Statehub-Body-Digest"], settings.presign_expires_s)
+
+
+def _see_other(url: str, headers: dict[str, str], *, route: str) -> Response:
+    """303 to the store: the body's headers stay (the client checks the digest), the
+    length and range are the store's to send."""
+    kept = {k: v for k, v in headers.items() if k not in ("Content-Length", "Content-Range")}
+    if route == "fetch":
+        metrics.FETCHES.inc("redirect")
+    metrics.PRESIGNED_REDIRECTS.inc(route)
+    # The URL is a bearer capability for its lifetime: no shared cache may keep it.
+    kept |= {"Location": url, "Cache-Control": "private, no-store"}
+    return Response(status_code=status.HTTP_303_SEE_OTHER, headers=kept)
+
+
+def _serve_cached(
+    result: fitting.FetchResult,
+    entry: FitCacheEntry,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+) -> Response | None:
+    """A fit cache hit, streamed (or redirected); None when the entry turned out unusable."""
+    headers = _headers(result) | {
+        "X-Statehub-Fetch-Mode": "cached",
+        "X-Statehub-Body-Digest": entry.digest,
+    }
+    if not result.partial and settings.presign_fetch and fit_cache.usable(db, blobs, entry):
+        url = _presigned(blobs, settings, headers)
+        if url is not None:
+            fit_cache.record_hit(db, entry.etag)
+            return _see_other(url, headers, route="fetch")
+    source = fit_cache.open_source(db, blobs, settings, entry)
+    if source is None:
+        return None
+    fit_cache.record_hit(db, entry.etag)
+    metrics.FETCHES.inc("cached")
+    stream = fit_cache.stream_cached(
+        db, source, entry, start=result.start, end=result.end, chunk=settings.stream_chunk_bytes
+    )
+    return _streamed(stream, result, headers)
 
 
 def _source(result: fitting.FetchResult, blobs: BlobStore, settings: Settings) -> VerifiedBlob:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from service import registry
+from service import metrics, registry
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -249,7 +249,11 @@ def restore_version(
 @router.get(
     "/{namespace}/{name}/versions/{ref}/blob",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {},
+        303: {"description": "the blob is at ``Location``, a presigned blob store URL"},
+    },
 )
 def download_blob(
     request: Request,
@@ -259,8 +263,12 @@ def download_blob(
     blobs: BlobStoreDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-) -> StreamingResponse:
-    """The stored safetensors bytes, unchanged. ``Range`` requests resume."""
+) -> Response:
+    """The stored safetensors bytes, unchanged. ``Range`` requests resume.
+
+    With ``STATEHUB_PRESIGN_FETCH`` on an S3 store, a whole-blob request is answered ``303``
+    to a presigned URL (ranges are served here); ``X-Statehub-Digest`` is what to check.
+    """
     principal.require("read", name)
     version = registry.get_version(session=session, name=name, ref=ref)
     digest, size = version.digest, version.size
@@ -271,6 +279,13 @@ def download_blob(
     start, end = byte_range or (0, size)
     if version.extents is None and blobs.size(digest) != size:  # fail now, not mid-body
         raise StorageError(f"stored blob {digest} has the wrong size", detail={"digest": digest})
+    headers = {"ETag": etag, "X-Statehub-Digest": digest, "X-Statehub-Body-Digest": digest}
+    if settings.presign_fetch and byte_range is None and version.extents is None:
+        url = blobs.presigned_url(digest, settings.presign_expires_s)  # None: a local store
+        if url is not None:  # the client fetches it without its token and checks the digest
+            metrics.PRESIGNED_REDIRECTS.inc("blob")
+            headers |= {"Location": url, "Cache-Control": "private, no-store"}
+            return Response(status_code=status.HTTP_303_SEE_OTHER, headers=headers)
     # Checked against its digest: before the response when small, else while streaming.
     source = VerifiedBlob(
         version_bytes(blobs, digest, version.extents),
@@ -279,9 +294,7 @@ def download_blob(
         buffer_limit=settings.verify_buffer_bytes,
         whole_in_order=True,
     )
-    headers = {
-        "ETag": etag,
-        "X-Statehub-Digest": digest,
+    headers |= {
         "Accept-Ranges": "bytes",
         "Content-Length": str(end - start),
         "Content-Disposition": f'attachment; filename="{name.name}-{version.number}.safetensors"',
