@@ -212,7 +212,9 @@ def _serve_cached(
         "X-Statehub-Fetch-Mode": "cached",
         "X-Statehub-Body-Digest": entry.digest,
     }
-    if not result.partial and settings.presign_fetch and fit_cache.usable(db, blobs, entry):
+    if not result.partial and settings.presign_fetch:
+        if not fit_cache.usable(db, blobs, entry):  # dropped: computed afresh
+            return None
         url = _presigned(blobs, settings, headers)
         if url is not None:
             fit_cache.record_hit(db, entry.etag)
