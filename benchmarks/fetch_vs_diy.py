@@ -193,9 +193,7 @@ def push_all(
     return pushes[0], diy
 
 
-def measure_size(
-    stack: Stack, size: int, repeats: int, which: str = "abc", variants: Sequence[str] = ()
-) -> SizeResult:
+def measure_size(stack: Stack, size: int, repeats: int, which: str = "abc") -> SizeResult:
     """Push every case at ``size``, then fetch each both ways on every server variant.
 
     A fetch that fails or returns wrong values is recorded and the others still run.
@@ -205,7 +203,7 @@ def measure_size(
     rows: list[FetchRow] = []
     failures: list[str] = []
     pushed: tuple[PushRow, dict[str, Timing]] | None = None
-    for variant in variants or VARIANTS:
+    for variant in VARIANTS:
         with stack.server(**VARIANTS[variant]) as server, Client(server.url) as hub:
             pushed = pushed or push_all(stack, hub, server.pid, cases, size, repeats)
             for case in cases:

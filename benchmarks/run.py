@@ -90,9 +90,9 @@ class Run:
         )
         return plan_latency.report(self.plans)
 
-    def _measure(self, size: int, which: str, variants: tuple[str, ...] = ()) -> list[str]:
-        """Measure ``size`` and keep its rows; returns the failures."""
-        result = fetch_vs_diy.measure_size(self.stack, size, self.opts.repeats, which, variants)
+    def _measure(self, size: int, which: str) -> list[str]:
+        """Measure ``size`` on every server variant and keep its rows; returns the failures."""
+        result = fetch_vs_diy.measure_size(self.stack, size, self.opts.repeats, which)
         self.fetches += result.rows
         self.pushes.append(result.push)
         return result.failures
@@ -102,15 +102,15 @@ class Run:
         return fetch_vs_diy.report(self.fetches, self.pushes, self.opts.repeats, failures)
 
     def scaling(self) -> Report:
-        measured = {r.size_mib for r in scaling.exact_streaming(self.fetches)}
+        measured = {s.size_mib for s, _ in scaling.pairs(self.fetches)}
         failures = [
             f
             for size in self.opts.scale_sizes
             if size not in measured
-            for f in self._measure(size, "a", ("streaming",))
+            for f in self._measure(size, "a")
         ]
         wanted = set(self.opts.scale_sizes)
-        rows = [r for r in scaling.exact_streaming(self.fetches) if r.size_mib in wanted]
+        rows = [(s, p) for s, p in scaling.pairs(self.fetches) if s.size_mib in wanted]
         pushes = sorted((p for p in self.pushes if p.size_mib in wanted), key=lambda p: p.size_mib)
         scaling.plot(rows, self.plans, self.opts.out / PLOT)
         report = scaling.report(rows, pushes, self.plans, PLOT)

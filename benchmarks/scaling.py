@@ -1,5 +1,6 @@
-"""Scaling: exact-fetch time against checkpoint size (case a on the default server, with the
-do-it-yourself road beside it) and plan time against tensor count, as tables and one PNG."""
+"""Scaling: exact-fetch time against checkpoint size (case a on the streaming and presign
+servers, the do-it-yourself road beside them) and plan time against tensor count, as
+tables and one PNG."""
 
 from __future__ import annotations
 
@@ -11,30 +12,48 @@ from benchmarks.harness import Report, table
 from benchmarks.plan_latency import PlanRow
 
 
-def exact_streaming(rows: Sequence[FetchRow]) -> list[FetchRow]:
-    """One row per size: case (a) on the streaming server, smallest first."""
-    chosen = {r.size_mib: r for r in rows if r.key == "a" and r.variant == "streaming"}
-    return [chosen[size] for size in sorted(chosen)]
+def exact(rows: Sequence[FetchRow], variant: str) -> dict[int, FetchRow]:
+    """Case (a) on ``variant``, by nominal size."""
+    return {r.size_mib: r for r in rows if r.key == "a" and r.variant == variant}
+
+
+def pairs(rows: Sequence[FetchRow]) -> list[tuple[FetchRow, FetchRow]]:
+    """(streaming, presign) rows of case (a) for every size measured both ways."""
+    streaming, presign = exact(rows, "streaming"), exact(rows, "presign")
+    return [(streaming[s], presign[s]) for s in sorted(streaming.keys() & presign.keys())]
 
 
 def report(
-    fetches: Sequence[FetchRow], pushes: Sequence[PushRow], plans: Sequence[PlanRow], image: str
+    fetches: Sequence[tuple[FetchRow, FetchRow]],
+    pushes: Sequence[PushRow],
+    plans: Sequence[PlanRow],
+    image: str,
 ) -> Report:
     out = Report("scaling", "Scaling: fetch time by size, plan time by tensor count")
     out.add(
         f"![fetch and plan scaling]({image})",
-        "## Exact fetch (case a, streaming server, median after a first fetch)",
+        "## Exact fetch (case a, median after a first fetch)",
         table(
-            ("checkpoint MiB", "DIY s", "statehub s", "statehub MiB/s", "ratio"),
+            (
+                "checkpoint MiB",
+                "DIY s",
+                "streaming s",
+                "streaming MiB/s",
+                "streaming ratio",
+                "presign s",
+                "presign ratio",
+            ),
             [
                 (
-                    r.checkpoint_mib,
-                    r.diy.median,
-                    r.hub.median,
-                    r.checkpoint_mib / r.hub.median,
-                    r.diy.median / r.hub.median,
+                    s.checkpoint_mib,
+                    s.diy.median,
+                    s.hub.median,
+                    s.checkpoint_mib / s.hub.median,
+                    s.diy.median / s.hub.median,
+                    p.hub.median,
+                    p.diy.median / p.hub.median,
                 )
-                for r in fetches
+                for s, p in fetches
             ],
         ),
         "## Push (case a, fp32, once each)",
@@ -51,16 +70,19 @@ def report(
     return out
 
 
-def plot(fetches: Sequence[FetchRow], plans: Sequence[PlanRow], path: Path) -> None:
+def plot(
+    fetches: Sequence[tuple[FetchRow, FetchRow]], plans: Sequence[PlanRow], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server or in CI
     from matplotlib import pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    sizes = [r.checkpoint_mib for r in fetches]
-    left.plot(sizes, [r.hub.median for r in fetches], "o-", label="statehub fetch")
-    left.plot(sizes, [r.diy.median for r in fetches], "s--", label="boto3 + torch.load")
+    sizes = [s.checkpoint_mib for s, _ in fetches]
+    left.plot(sizes, [s.hub.median for s, _ in fetches], "o-", label="statehub, streaming")
+    left.plot(sizes, [p.hub.median for _, p in fetches], "^-", label="statehub, presign")
+    left.plot(sizes, [s.diy.median for s, _ in fetches], "s--", label="boto3 + torch.load")
     left.set(xlabel="checkpoint MiB", ylabel="seconds", title="Exact fetch")
     left.legend()
     counts = [p.tensors for p in plans]
