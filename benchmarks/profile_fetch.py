@@ -19,22 +19,21 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.fetch_vs_diy import CLASSES, build_cases, model_name
-from benchmarks.harness import Services, layers_for, target_net
+from benchmarks.harness import Services, layers_for, target_net, wait_idle
 from statehub import Client
 
 
-def client_profile(hub: Client, name: str, target, repeats: int) -> str:  # type: ignore[no-untyped-def]
+def client_profile(fn: Callable[[], object]) -> str:
     profile = cProfile.Profile()
     profile.enable()
-    for _ in range(repeats):
-        hub.fetch(name, target=target)
+    fn()
     profile.disable()
     out = io.StringIO()
-    stats = pstats.Stats(profile, stream=out)
-    stats.sort_stats("tottime").print_stats(12)
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(12)
     return out.getvalue()
 
 
@@ -63,6 +62,19 @@ def own_time(raw: Path, top: int = 15) -> str:
     return "\n".join(f"{n / total:6.1%}  {leaf}" for leaf, n in leaves.most_common(top))
 
 
+def profiled(label: str, server_pid: int, scratch: Path, fn: Callable[[], object]) -> None:
+    """Run ``fn`` under cProfile here and py-spy on the server; print both summaries."""
+    raw = scratch / f"{label.split()[0]}.txt"
+    spy = server_profile(server_pid, raw)
+    print(f"== {label}: client (cProfile, own time)")
+    print(client_profile(fn))
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        print(f"== {label}: server (py-spy, own time of busy samples)")
+        print(own_time(raw))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="checkpoint MiB")
@@ -70,24 +82,27 @@ def main() -> None:
     args = parser.parse_args()
     target = target_net(layers_for(args.size), CLASSES)
     cases = build_cases(args.size, target, "ab")
+    names = [model_name(case.key, args.size) for case in cases]
     with Services() as services, tempfile.TemporaryDirectory() as scratch:
         stack = services.stack()
         with stack.server() as server, Client(server.url) as hub:
-            for case in cases:
-                hub.push(model_name(case.key, args.size), case.source)
-                hub.fetch(model_name(case.key, args.size), target=target)  # warm-up
-            time.sleep(5)  # background work of the warm-ups (the fit cache's write) is done
-            for case in cases:
-                raw = Path(scratch) / f"{case.key}.txt"
-                spy = server_profile(server.pid, raw)
-                name = model_name(case.key, args.size)
-                print(f"== {case.label}: client (cProfile, own time)")
-                print(client_profile(hub, name, target, args.repeats))
-                if spy is not None:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(timeout=60)
-                    print(f"== {case.label}: server (py-spy, own time of busy samples)")
-                    print(own_time(raw))
+            profiled(
+                "push a (new bytes)",
+                server.pid,
+                Path(scratch),
+                lambda: hub.push(names[0], cases[0].source),
+            )
+            hub.push(names[1], cases[1].source)
+            for name in names:
+                hub.fetch(name, target=target)  # warm-up: the rewrite is cached after it
+            wait_idle(server.pid)
+            for case, name in zip(cases, names, strict=True):
+                profiled(
+                    f"{case.label} fetch x{args.repeats}",
+                    server.pid,
+                    Path(scratch),
+                    lambda name=name: [hub.fetch(name, target=target) for _ in range(args.repeats)],
+                )
 
 
 if __name__ == "__main__":
