@@ -146,7 +146,12 @@ class FetchLayout:
 
 
 def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Settings) -> FetchLayout:
-    etag = hashlib.sha256((version.digest + plan.canonical_json()).encode()).hexdigest()
+    # The body names its source version (``statehub.source``): two versions with the same
+    # bytes make different bodies, so the version is part of the ETag.
+    source_ref = _fetch_metadata(version, plan)["statehub.source"]
+    etag = hashlib.sha256(
+        f"{version.digest}{plan.canonical_json()}{source_ref}".encode()
+    ).hexdigest()
     if plan.verdict == "exact":
         return FetchLayout((StoredRange(0, version.size),), "passthrough", etag, plan)
     offsets = {t["key"]: t["offsets"] for t in version.spec["tensors"]}

@@ -185,7 +185,8 @@ class Client:
             alias: also point this alias (e.g. ``prod``) at the new version.
             metadata: JSON-able data kept with the version.
             ema: take the EMA weights of a training snapshot instead of the raw ones.
-            progress: called with ``(bytes_sent, bytes_total)`` while the body uploads.
+            progress: called with ``(bytes_sent, bytes_total)`` while the body uploads
+                (a deduplicated push counts only the tensors it sends).
 
         Returns:
             The stored :class:`Version` (``created=False`` when identical bytes were
@@ -285,6 +286,8 @@ class Client:
         pending = {sha: key for key, sha in pushable.hashes.items() if sha in missing}
         total = sum(pushable.sizes[sha] for sha in pending)
         done = 0
+        if progress is not None:
+            progress(0, total)
         for sha, key in pending.items():
             data = pushable.read(key)
             self._json(  # content-addressed: storing twice is harmless, so retries are safe

@@ -6,6 +6,7 @@ generated bootstrap token logged once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -197,8 +198,24 @@ def set_tmp_alias(w: World, ns: str) -> None:
     ok(w.root.put(f"/v1/models/{ns}/net/aliases/tmp", json={"version": 1}))
 
 
+def compose_body(data: bytes) -> dict[str, Any]:
+    """The compose request for a safetensors file: its header and each tensor's sha256."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__", None)
+    start = 8 + length
+    hashes = {
+        key: hashlib.sha256(
+            data[start + entry["data_offsets"][0] : start + entry["data_offsets"][1]]
+        ).hexdigest()
+        for key, entry in header.items()
+    }
+    return {"header": data[8 : 8 + length].decode(), "size": len(data), "tensors": hashes}
+
+
 M = "/v1/models/{namespace}/{name}"
 V = M + "/versions/{ref}"
+TENSOR = hashlib.sha256(b"tensor bytes").hexdigest()
 ENDPOINTS = [
     Endpoint("GET", M, "read", send("GET", NET)),
     Endpoint("GET", M + "/versions", "read", send("GET", NET + "/versions")),
@@ -213,6 +230,25 @@ ENDPOINTS = [
         M + "/versions",
         "write",
         send("POST", NET + "/versions", content=checkpoint_bytes(0)),
+        audit="version.push_existing",
+    ),
+    Endpoint(
+        "POST",
+        M + "/tensors/missing",
+        "write",
+        send("POST", NET + "/tensors/missing", json={"sha256": [TENSOR]}),
+    ),
+    Endpoint(
+        "PUT",
+        M + "/tensors/{sha256}",
+        "write",
+        send("PUT", NET + f"/tensors/{TENSOR}", content=b"tensor bytes"),
+    ),
+    Endpoint(
+        "POST",
+        M + "/versions/compose",
+        "write",
+        send("POST", NET + "/versions/compose", json=compose_body(checkpoint_bytes(0))),
         audit="version.push_existing",
     ),
     Endpoint(

@@ -23,6 +23,9 @@ TABLES = {
     "audit_events",
     "tokens",
     "blob_leases",
+    "stored_tensors",
+    "blob_refs",
+    "fit_cache",
     "alembic_version",
 }
 
