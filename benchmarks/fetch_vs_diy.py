@@ -134,7 +134,7 @@ def diy_fetch(stack: Stack, key: str, case: Case) -> dict[str, torch.Tensor]:
 
 def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> PushRow:
     """Both pushes of ``case``, timed once: the bytes are new to the registry only once."""
-    wait_idle(server_pid)
+    wait_idle(*stack.busy_pids)
     with PeakGrowth(server_pid) as growth:
         hub_s, _ = seconds(lambda: hub.push(model_name(case.key, size), case.source))
     with tempfile.NamedTemporaryFile(suffix=".pth", dir=stack.data_dir) as handle:
@@ -146,15 +146,21 @@ def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> P
 
 
 def hub_fetch(
-    hub: Client, server_pid: int, case: Case, size: int, target: torch.nn.Module, repeats: int
+    stack: Stack,
+    hub: Client,
+    server_pid: int,
+    case: Case,
+    size: int,
+    target: torch.nn.Module,
+    repeats: int,
 ) -> tuple[Timing, float]:
-    wait_idle(server_pid)  # the previous case's background work is not this one's time
+    wait_idle(*stack.busy_pids)  # the previous case's background work is not this one's time
     with PeakGrowth(server_pid) as growth:
         timing = timed(
             lambda: hub.fetch(model_name(case.key, size), target=target),
             repeats,
             case.check,
-            settle=lambda: wait_idle(server_pid),
+            settle=lambda: wait_idle(*stack.busy_pids),
         )
     return timing, growth.mib
 
@@ -183,7 +189,7 @@ def push_all(
 ) -> tuple[PushRow, dict[str, Timing]]:
     """Push every case both ways and time the do-it-yourself fetches (server-independent)."""
     pushes = [push(stack, hub, server_pid, case, size) for case in cases]
-    wait_idle(server_pid)
+    wait_idle(*stack.busy_pids)
     diy = {
         case.key: timed(
             lambda case=case: diy_fetch(stack, diy_key(case, size), case), repeats, case.check
@@ -208,7 +214,7 @@ def measure_size(stack: Stack, size: int, repeats: int, which: str = "abc") -> S
             pushed = pushed or push_all(stack, hub, server.pid, cases, size, repeats)
             for case in cases:
                 try:
-                    timing, growth = hub_fetch(hub, server.pid, case, size, target, repeats)
+                    timing, growth = hub_fetch(stack, hub, server.pid, case, size, target, repeats)
                     served = served_as(server.url, case, size, target)
                 except Exception as exc:  # reported with the figures, fails the section
                     failures.append(

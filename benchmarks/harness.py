@@ -143,13 +143,18 @@ def proc_status_kib(pid: int | str, name: str) -> int:
     raise KeyError(name)
 
 
-def wait_idle(pid: int, *, busy_percent: float = 10.0, timeout: float = 60.0) -> None:
-    """Until the process stops working in the background (the fit cache writing what a
-    fetch computed): a repeat must measure the warm path, not race the cold one's tail."""
-    process = psutil.Process(pid)
+def wait_idle(*pids: int, busy_percent: float = 10.0, timeout: float = 60.0) -> None:
+    """Until the processes stop working in the background (the fit cache uploading what a
+    fetch computed keeps the server and moto busy): a repeat must measure the warm path,
+    not race the cold one's tail."""
+    processes = [psutil.Process(pid) for pid in pids]
+    for process in processes:
+        process.cpu_percent()  # the first reading only starts the interval
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.cpu_percent(interval=0.25) > busy_percent:
-        pass
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if sum(p.cpu_percent() for p in processes) <= busy_percent:
+            return
 
 
 class PeakGrowth:
@@ -177,6 +182,8 @@ class Stack:
 
     def __init__(self, moto: MotoServer, data_dir: Path) -> None:
         self.endpoint = moto.endpoint
+        self.moto_pid = moto.process.pid
+        self.busy_pids: tuple[int, ...] = (self.moto_pid,)  # and the server, once started
         self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
         self.data_dir = data_dir
         S3BlobStore(s3_settings(self.endpoint, self.bucket)).ensure_bucket()
@@ -200,6 +207,7 @@ class Stack:
             **{f"STATEHUB_{k.upper()}": v for k, v in settings.items()},
         }
         process = start_server(env)
+        self.busy_pids = (process.pid, self.moto_pid)
         try:
             yield process
         finally:

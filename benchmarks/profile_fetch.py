@@ -95,7 +95,7 @@ def main() -> None:
             hub.push(names[1], cases[1].source)
             for name in names:
                 hub.fetch(name, target=target)  # warm-up: the rewrite is cached after it
-            wait_idle(server.pid)
+            wait_idle(*stack.busy_pids)
             for case, name in zip(cases, names, strict=True):
                 profiled(
                     f"{case.label} fetch x{args.repeats}",
