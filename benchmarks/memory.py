@@ -33,30 +33,27 @@ class ClientRow:
         return self.growth_mib / self.result_mib
 
 
-def client_peak(stack: Stack, row: FetchRow) -> ClientRow:
-    """Fetch ``row``'s case again from a fresh client process on the default server."""
+def client_peaks(stack: Stack, rows: Sequence[FetchRow]) -> list[ClientRow]:
+    """Fetch each row's case again, each from a fresh client process, on the default server."""
     with stack.server() as server:
-        probe = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.client_probe",
-                server.url,
-                model_name(row.key, row.size_mib),
-                str(layers_for(row.size_mib)),
-                str(CLASSES),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=True,
-        )
+        return [client_peak(server.url, row) for row in rows]
+
+
+def client_peak(url: str, row: FetchRow) -> ClientRow:
+    name = model_name(row.key, row.size_mib)
+    probe = subprocess.run(
+        [sys.executable, "-m", "benchmarks.client_probe", url, name,
+         str(layers_for(row.size_mib)), str(CLASSES)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )  # fmt: skip
     found = json.loads(probe.stdout.strip().splitlines()[-1])
-    expected = row.result_bytes
-    if found["result_bytes"] != expected:
-        raise AssertionError(f"the probe got {found['result_bytes']} bytes, not {expected}")
+    if found["result_bytes"] != row.result_bytes:
+        raise AssertionError(f"the probe got {found['result_bytes']} bytes, not {row.result_bytes}")
     growth = (found["peak_kib"] - found["baseline_kib"]) / 1024
-    return ClientRow(row.label, expected / MiB, growth)
+    return ClientRow(row.label, row.result_bytes / MiB, growth)
 
 
 def report(fetches: Sequence[FetchRow], push: PushRow, clients: Sequence[ClientRow]) -> Report:

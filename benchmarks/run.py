@@ -125,7 +125,7 @@ class Run:
         pushes = [p for p in self.pushes if p.size_mib == size]
         if not fetches or not pushes:
             raise RuntimeError("the memory section needs the fetch section's measurements")
-        clients = [memory.client_peak(self.stack, r) for r in fetches if r.key in ("a", "c")]
+        clients = memory.client_peaks(self.stack, [r for r in fetches if r.key in ("a", "c")])
         return memory.report(fetches, pushes[0], clients)
 
     def dedup(self) -> Report:
