@@ -35,6 +35,7 @@ class Options:
     sizes: list[int]  # MiB: every case, every server variant
     scale_sizes: list[int]  # MiB: case (a) only, for the scaling table
     repeats: int
+    scale_repeats: int  # the extra scaling sizes: fewer, they are the largest
     plan_sizes: list[int]
     plan_repeats: int | None
     dedup_mib: int
@@ -52,20 +53,27 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
     parser.add_argument("--sizes", type=mib_list, default=[100, 1000])
     parser.add_argument("--scale-sizes", type=mib_list, default=[100, 500, 1000, 2000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale-repeats", type=int, default=2)
     parser.add_argument("--dedup-mib", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--note", default="", help="said under the machine line")
     args = parser.parse_args(argv)
-    if args.smoke:
-        out = args.out or Path(tempfile.mkdtemp(prefix="statehub-bench-"))
-        opts = Options([4], [4, 8], 1, [100], 3, 4, out, args.note or "smoke run")
-    else:
-        plan_sizes = list(plan_latency.SIZES)
-        opts = Options(
-            args.sizes, args.scale_sizes, args.repeats, plan_sizes, None, args.dedup_mib,
-            args.out or RESULTS, args.note,
-        )  # fmt: skip
+    if args.smoke:  # a few MiB, one repeat, the 100-tensor plan: seconds, not minutes
+        args.sizes, args.scale_sizes, args.repeats, args.scale_repeats = [4], [4, 8], 1, 1
+        args.dedup_mib, args.note = 4, args.note or "smoke run"
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="statehub-bench-"))
+    opts = Options(
+        sizes=args.sizes,
+        scale_sizes=args.scale_sizes,
+        repeats=args.repeats,
+        scale_repeats=args.scale_repeats,
+        plan_sizes=[100] if args.smoke else list(plan_latency.SIZES),
+        plan_repeats=3 if args.smoke else None,
+        dedup_mib=args.dedup_mib,
+        out=args.out or RESULTS,
+        note=args.note,
+    )
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -90,15 +98,17 @@ class Run:
         )
         return plan_latency.report(self.plans)
 
-    def _measure(self, size: int, which: str) -> list[str]:
+    def _measure(self, size: int, which: str, repeats: int) -> list[str]:
         """Measure ``size`` on every server variant and keep its rows; returns the failures."""
-        result = fetch_vs_diy.measure_size(self.stack, size, self.opts.repeats, which)
+        result = fetch_vs_diy.measure_size(self.stack, size, repeats, which)
         self.fetches += result.rows
         self.pushes.append(result.push)
         return result.failures
 
     def fetch(self) -> Report:
-        failures = [f for size in self.opts.sizes for f in self._measure(size, "abc")]
+        failures = [
+            f for size in self.opts.sizes for f in self._measure(size, "abc", self.opts.repeats)
+        ]
         return fetch_vs_diy.report(self.fetches, self.pushes, self.opts.repeats, failures)
 
     def scaling(self) -> Report:
@@ -107,7 +117,7 @@ class Run:
             f
             for size in self.opts.scale_sizes
             if size not in measured
-            for f in self._measure(size, "a")
+            for f in self._measure(size, "a", self.opts.scale_repeats)
         ]
         wanted = set(self.opts.scale_sizes)
         rows = [(s, p) for s, p in scaling.pairs(self.fetches) if s.size_mib in wanted]

@@ -32,7 +32,8 @@ def report(
     out = Report("scaling", "Scaling: fetch time by size, plan time by tensor count")
     out.add(
         f"![fetch and plan scaling]({image})",
-        "## Exact fetch (case a, median after a first fetch)",
+        "## Exact fetch (case a, median of the repeats after a first fetch: `--repeats` of "
+        "them at the `--sizes` sizes, `--scale-repeats` at the others)",
         table(
             (
                 "checkpoint MiB",
