@@ -137,12 +137,17 @@ def push(stack: Stack, hub: Client, server_pid: int, case: Case, size: int) -> P
     wait_idle(*stack.busy_pids)
     with PeakGrowth(server_pid) as growth:
         hub_s, _ = seconds(lambda: hub.push(model_name(case.key, size), case.source))
+    return PushRow(size, hub_s, diy_upload(stack, case, size), growth.mib)
+
+
+def diy_upload(stack: Stack, case: Case, size: int) -> float:
+    """``torch.save`` (untimed) and boto3 ``upload_file`` (timed) of the case's checkpoint."""
     with tempfile.NamedTemporaryFile(suffix=".pth", dir=stack.data_dir) as handle:
         torch.save(case.source, handle.name)
-        diy_s, _ = seconds(
+        elapsed, _ = seconds(
             lambda: stack.s3.upload_file(handle.name, stack.bucket, diy_key(case, size))
         )
-    return PushRow(size, hub_s, diy_s, growth.mib)
+    return elapsed
 
 
 def hub_fetch(

@@ -1,8 +1,10 @@
-"""Where the time of an exact (a) and a rename-only (b) fetch goes, on both sides.
+"""Where the time of an exact (a) and a rename-only (b) fetch, and of a push, goes.
 
-Client: cProfile around ``Client.fetch`` (cumulative and own time). Server: ``py-spy``
-(``pip install py-spy``; not a project dependency) attached to the server process while the
-client fetches, summarised by own time. Not part of ``benchmarks.run``: a tool for reading.
+First the CPU seconds each process spends (client, statehub server, moto), without
+profilers, beside the do-it-yourself fetch: robust on a shared machine, where wall time is
+not. Then client: cProfile (own time); server: ``py-spy`` (``pip install py-spy``; not a
+project dependency) attached while the client works, summarised by own time.
+Not part of ``benchmarks.run``: a tool for reading.
 
     python -m benchmarks.profile_fetch [--size 256] [--repeats 3]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import shutil
 import signal
@@ -19,11 +22,22 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
-from benchmarks.fetch_vs_diy import CLASSES, build_cases, model_name
-from benchmarks.harness import Services, layers_for, target_net, wait_idle
+import psutil
+import torch
+
+from benchmarks.fetch_vs_diy import (
+    CLASSES,
+    build_cases,
+    diy_fetch,
+    diy_key,
+    diy_upload,
+    model_name,
+)
+from benchmarks.harness import Services, layers_for, seconds, target_net, wait_idle
 from statehub import Client
 
 
@@ -62,6 +76,19 @@ def own_time(raw: Path, top: int = 15) -> str:
     return "\n".join(f"{n / total:6.1%}  {leaf}" for leaf, n in leaves.most_common(top))
 
 
+def cpu_seconds(pids: Sequence[int]) -> list[float]:
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
+
+
+def cpu_split(label: str, pids: dict[str, int], fn: Callable[[], object]) -> None:
+    """CPU seconds of each process over ``fn``, and the wall time."""
+    before = cpu_seconds(list(pids.values()))
+    wall, _ = seconds(fn)
+    spent = [b - a for a, b in zip(before, cpu_seconds(list(pids.values())), strict=True)]
+    parts = ", ".join(f"{name} {cpu:.2f}" for name, cpu in zip(pids, spent, strict=True))
+    print(f"== {label}: CPU s {parts}; total {sum(spent):.2f}; wall {wall:.2f}")
+
+
 def profiled(label: str, server_pid: int, scratch: Path, fn: Callable[[], object]) -> None:
     """Run ``fn`` under cProfile here and py-spy on the server; print both summaries."""
     raw = scratch / f"{label.split()[0]}.txt"
@@ -86,6 +113,7 @@ def main() -> None:
     with Services() as services, tempfile.TemporaryDirectory() as scratch:
         stack = services.stack()
         with stack.server() as server, Client(server.url) as hub:
+            pids = {"client": os.getpid(), "server": server.pid, "moto": stack.moto_pid}
             profiled(
                 "push a (new bytes)",
                 server.pid,
@@ -93,16 +121,30 @@ def main() -> None:
                 lambda: hub.push(names[0], cases[0].source),
             )
             hub.push(names[1], cases[1].source)
+            diy_upload(stack, cases[0], args.size)
             for name in names:
                 hub.fetch(name, target=target)  # warm-up: the rewrite is cached after it
             wait_idle(*stack.busy_pids)
+            key = diy_key(cases[0], args.size)
+            cpu_split(
+                f"DIY a fetch x{args.repeats}",
+                pids,
+                lambda: [diy_fetch(stack, key, cases[0]) for _ in range(args.repeats)],
+            )
             for case, name in zip(cases, names, strict=True):
+                fetches = partial(_fetch_n, hub, name, target, args.repeats)
+                cpu_split(f"statehub {case.label} fetch x{args.repeats}", pids, fetches)
                 profiled(
-                    f"{case.label} fetch x{args.repeats}",
+                    f"statehub {case.label} fetch x{args.repeats}",
                     server.pid,
                     Path(scratch),
-                    lambda name=name: [hub.fetch(name, target=target) for _ in range(args.repeats)],
+                    fetches,
                 )
+
+
+def _fetch_n(hub: Client, name: str, target: torch.nn.Module, n: int) -> None:
+    for _ in range(n):
+        hub.fetch(name, target=target)
 
 
 if __name__ == "__main__":
