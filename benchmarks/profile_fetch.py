@@ -37,7 +37,14 @@ from benchmarks.fetch_vs_diy import (
     diy_upload,
     model_name,
 )
-from benchmarks.harness import Services, layers_for, seconds, target_net, wait_idle
+from benchmarks.harness import (
+    Services,
+    body_state_dict,
+    layers_for,
+    seconds,
+    target_net,
+    wait_idle,
+)
 from statehub import Client
 
 
@@ -114,14 +121,11 @@ def main() -> None:
         stack = services.stack()
         with stack.server() as server, Client(server.url) as hub:
             pids = {"client": os.getpid(), "server": server.pid, "moto": stack.moto_pid}
-            profiled(
-                "push a (new bytes)",
-                server.pid,
-                Path(scratch),
-                lambda: hub.push(names[0], cases[0].source),
-            )
+            cpu_split("push a (new bytes)", pids, lambda: hub.push(names[0], cases[0].source))
+            fresh = body_state_dict(args.size, torch.float32, CLASSES, seed=2**31 - 1)
+            profiled("push (new bytes)", server.pid, Path(scratch), partial(hub.push, "p/x", fresh))
+            cpu_split("DIY upload_file a", pids, lambda: diy_upload(stack, cases[0], args.size))
             hub.push(names[1], cases[1].source)
-            diy_upload(stack, cases[0], args.size)
             for name in names:
                 hub.fetch(name, target=target)  # warm-up: the rewrite is cached after it
             wait_idle(*stack.busy_pids)
