@@ -46,6 +46,12 @@ from benchmarks.harness import (
     wait_idle,
 )
 from statehub import Client
+from statehub._tensors import (
+    StreamReader,
+    iter_safetensors,
+    read_safetensors_stream,
+    safetensors_header,
+)
 
 
 def client_profile(fn: Callable[[], object]) -> str:
@@ -129,6 +135,7 @@ def main() -> None:
             for name in names:
                 hub.fetch(name, target=target)  # warm-up: the rewrite is cached after it
             wait_idle(*stack.busy_pids)
+            parse_only(cases[0].source)
             key = diy_key(cases[0], args.size)
             cpu_split(
                 f"DIY a fetch x{args.repeats}",
@@ -144,6 +151,17 @@ def main() -> None:
                     Path(scratch),
                     fetches,
                 )
+
+
+def parse_only(state_dict: dict[str, torch.Tensor], chunk: int = 64 * 1024) -> None:
+    """The client's parser alone (``read_safetensors_stream``) over in-memory 64 KiB chunks,
+    the size httpx hands it: what it costs apart from the network and the digest."""
+    items = list(state_dict.items())
+    blob = b"".join(iter_safetensors(items, safetensors_header(items)))
+    chunks = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
+    for attempt in ("fresh memory", "reused memory"):
+        elapsed, _ = seconds(lambda: read_safetensors_stream(StreamReader(iter(chunks))))
+        print(f"== client parser alone, {attempt}: {len(blob) / 2**20 / elapsed:,.0f} MiB/s")
 
 
 def _fetch_n(hub: Client, name: str, target: torch.nn.Module, n: int) -> None:
