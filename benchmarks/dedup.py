@@ -69,7 +69,7 @@ def report(result: DedupResult) -> Report:
         f"A {r.backbone_mib} MiB fp32 backbone with a {CLASSES}-class head pushed as "
         f"`ft/backbone`, then {r.pushes - 1} fine-tunes (`ft/tune-i`: the same backbone "
         "tensors, a new random head). Stored bytes: every object in the registry's bucket. "
-        "Until tensor-level dedup lands each push stores its whole checkpoint (no savings).",
+        "Without tensor-level dedup every push stores its whole checkpoint: 0% saved.",
         table(
             (
                 "pushes",
