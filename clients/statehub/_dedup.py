@@ -27,8 +27,9 @@ class Pushable:
     header: bytes  # the 8-byte length and the JSON, as in the file
     hashes: dict[str, str]  # tensor key -> sha256 of its bytes, in file order
     sizes: dict[str, int]  # sha256 -> size in bytes
-    digest: str  # sha256 of the whole file
     read: Callable[[str], bytes]  # tensor key -> its bytes
+    # sha256 of the whole file, computed only when a version is composed (another pass)
+    file_digest: Callable[[], str]
 
     @property
     def size(self) -> int:
@@ -40,17 +41,20 @@ class Pushable:
 
 def of_state_dict(items: list[tuple[str, torch.Tensor]]) -> Pushable:
     header = safetensors_header(items)
-    whole = hashlib.sha256(header)
     hashes, sizes = {}, {}
     for key, tensor in items:
         data = tensor_bytes(tensor)
-        whole.update(data)
         hashes[key] = hashlib.sha256(data).hexdigest()
         sizes[hashes[key]] = len(data)
     tensors = dict(items)
-    return Pushable(
-        header, hashes, sizes, whole.hexdigest(), lambda k: bytes(tensor_bytes(tensors[k]))
-    )
+
+    def file_digest() -> str:
+        whole = hashlib.sha256(header)
+        for _, tensor in items:
+            whole.update(tensor_bytes(tensor))
+        return whole.hexdigest()
+
+    return Pushable(header, hashes, sizes, lambda k: bytes(tensor_bytes(tensors[k])), file_digest)
 
 
 def of_safetensors_file(path: Path) -> Pushable | None:
@@ -70,8 +74,6 @@ def of_safetensors_file(path: Path) -> Pushable | None:
             }
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        handle.seek(0)
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     start = 8 + length
     order = sorted(offsets, key=lambda k: offsets[k])
     hashes, sizes = {}, {}
@@ -87,4 +89,8 @@ def of_safetensors_file(path: Path) -> Pushable | None:
             handle.seek(start + lo)
             return handle.read(hi - lo)
 
-    return Pushable(prefix + raw, hashes, sizes, digest, read)
+    def file_digest() -> str:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    return Pushable(prefix + raw, hashes, sizes, read, file_digest)
