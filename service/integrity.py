@@ -12,6 +12,10 @@ only when the answer is known, since a response streams:
   closes short of ``Content-Length``, so no client takes the body for complete (the
   statehub client also compares the digest). A ranged request still hashes the whole
   blob: the bytes outside the range are read and hashed, not sent.
+- **Larger, to a client that verifies** (the statehub client sends
+  ``X-Statehub-Client-Verifies: sha256`` and checks every body announced with
+  ``X-Statehub-Body-Digest``): streamed without a second pass here; the client's check is
+  the end-to-end one, and it raises instead of returning tensors.
 - **Larger, read in pieces** (a fetch that rewrites or transforms tensors): read as they
   are, unverified; the plan's header and the client's length check are all that guard
   them. SECURITY.md lists this gap.
@@ -75,6 +79,15 @@ def iter_verified(
         yield held
 
 
+CLIENT_VERIFIES = "x-statehub-client-verifies"
+
+
+def client_verifies(header: str | None) -> bool:
+    """The client checks the sha256 of bodies announced with ``X-Statehub-Body-Digest``
+    (the value of its ``X-Statehub-Client-Verifies`` header)."""
+    return (header or "").strip().lower() == "sha256"
+
+
 class VerifiedBlob:
     """One stored blob, read the way this module describes; a drop-in for the two read
     methods of a ``BlobStore`` that the blob download and the fetch body use.
@@ -82,6 +95,9 @@ class VerifiedBlob:
     Args:
         whole_in_order: the caller reads ``[start, end)`` in one ``iter_range`` call (a
             download, a passthrough fetch), so a large blob can be verified while it streams.
+        client_verifies: the client checks the body's sha256 itself (it said so with
+            ``X-Statehub-Client-Verifies``): a large blob streams without a second pass
+            here. Small blobs are still checked before the response, for a clean error.
     """
 
     def __init__(
@@ -92,11 +108,13 @@ class VerifiedBlob:
         *,
         buffer_limit: int,
         whole_in_order: bool,
+        client_verifies: bool = False,
     ) -> None:
         self._blobs = blobs
         self._digest = digest
         self._size = size
         self._whole_in_order = whole_in_order
+        self._client_verifies = client_verifies
         # Read and checked now, before any response starts, when small enough.
         self._data = read_verified(blobs, digest, size) if size <= buffer_limit else None
 
@@ -114,6 +132,6 @@ class VerifiedBlob:
             view = memoryview(self._data)
             steps = range(start, end, chunk_size)
             return (view[i : min(i + chunk_size, end)] for i in steps)
-        if self._whole_in_order:
+        if self._whole_in_order and not self._client_verifies:
             return iter_verified(self._blobs, digest, self._size, start, end, chunk_size)
         return self._blobs.iter_range(digest, start, end, chunk_size)

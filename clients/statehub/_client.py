@@ -911,9 +911,11 @@ class _ResumableBody:
             if from_store.status_code == 206:
                 return from_store
             from_store.close()  # expired or changed: statehub serves the range itself
-        headers = {}
+        # Every body announced with a digest is checked here: the server need not check it
+        # a second time while it streams (service.integrity).
+        headers = {"X-Statehub-Client-Verifies": "sha256"}
         if received:
-            headers = {"Range": f"bytes={received}-", "If-Range": self.etag}
+            headers |= {"Range": f"bytes={received}-", "If-Range": self.etag}
         http = self._client._http
         response = self._client._send(
             lambda: http.build_request(

@@ -20,7 +20,7 @@ from service.api.deps import (
 )
 from service.api.schemas import FitRequest, PlanOut, SearchHit, SearchRequest
 from service.core.spec import ArchSpec, validate_spec
-from service.integrity import VerifiedBlob
+from service.integrity import CLIENT_VERIFIES, VerifiedBlob, client_verifies
 from service.settings import Settings
 from service.storage.blobs import BlobStore
 from service.storage.composed import version_bytes
@@ -85,6 +85,7 @@ def fetch(
     principal: PrincipalDep,
     range_header: str | None = Header(default=None, alias="range"),
     if_range: str | None = Header(default=None, alias="if-range"),
+    verifies: str | None = Header(default=None, alias=CLIENT_VERIFIES),
 ) -> Response:
     """A safetensors stream of the checkpoint fitted to the target.
 
@@ -125,7 +126,9 @@ def fetch(
             return cached
     metrics.FETCHES.inc(layout.mode)
     stream = fitting.stream_fetch(
-        result, _source(result, blobs, settings), chunk=settings.stream_chunk_bytes
+        result,
+        _source(result, blobs, settings, verifying_client=client_verifies(verifies)),
+        chunk=settings.stream_chunk_bytes,
     )
     background = None
     tee = None
@@ -230,7 +233,9 @@ def _serve_cached(
     return _streamed(stream, result, headers)
 
 
-def _source(result: fitting.FetchResult, blobs: BlobStore, settings: Settings) -> VerifiedBlob:
+def _source(
+    result: fitting.FetchResult, blobs: BlobStore, settings: Settings, *, verifying_client: bool
+) -> VerifiedBlob:
     """The stored bytes the body reads, checked against the digest (``service.integrity``)."""
     version = result.version
     return VerifiedBlob(
@@ -239,6 +244,7 @@ def _source(result: fitting.FetchResult, blobs: BlobStore, settings: Settings) -
         result.version.size,
         buffer_limit=settings.verify_buffer_bytes,
         whole_in_order=result.layout.mode == "passthrough",
+        client_verifies=verifying_client,
     )
 
 

@@ -24,7 +24,7 @@ from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, Mode
 from service.core.names import ModelName, validate_alias, validate_segment
 from service.errors import InvalidRequest, StorageError
 from service.fitting import parse_range
-from service.integrity import VerifiedBlob
+from service.integrity import CLIENT_VERIFIES, VerifiedBlob, client_verifies
 from service.storage import repositories as repo
 from service.storage.composed import version_bytes
 
@@ -293,6 +293,7 @@ def download_blob(
         size,
         buffer_limit=settings.verify_buffer_bytes,
         whole_in_order=True,
+        client_verifies=client_verifies(request.headers.get(CLIENT_VERIFIES)),
     )
     headers |= {
         "Accept-Ranges": "bytes",

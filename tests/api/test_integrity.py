@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from statehub import Client, IntegrityError, StatehubError, StorageError
+from statehub import Client, IntegrityError, StorageError
 from tests._server import ServerProcess
 
 MiB = 1024 * 1024
@@ -115,10 +115,16 @@ def test_a_large_corrupted_blob_is_cut_short_mid_stream(
     cut_short(lambda: httpx.stream("GET", f"{base}/blob", headers={"Range": "bytes=5-"}))
     cut_short(lambda: httpx.stream("POST", f"{base}/fetch", json=exact, timeout=60))
 
+    # A client that says it verifies gets every byte without a second pass on the server
+    # and must find the mismatch itself: the statehub client does, and returns nothing.
+    verifies = {"X-Statehub-Client-Verifies": "sha256"}
+    whole = httpx.get(f"{base}/blob", headers=verifies, timeout=60)
+    assert whole.status_code == 200 and len(whole.content) == len(body)
+    assert hashlib.sha256(whole.content).hexdigest() != whole.headers["x-statehub-body-digest"]
     target = tmp_path / "out.safetensors"
-    with pytest.raises(StatehubError):  # resumed, cut again, then given up
+    with pytest.raises(IntegrityError):
         hub.pull(f"{ns}/large:1", target)
-    with pytest.raises(StatehubError):
+    with pytest.raises(IntegrityError):
         hub.fetch(f"{ns}/large:1", target=exact["target"])
     assert list(tmp_path.iterdir()) == []
 
