@@ -94,7 +94,8 @@ def store_version(
     digest: str,
 ) -> Stored:
     """Store the safetensors file at ``path``: composed when enough of it is stored, else
-    whole. The caller commits the version with ``record`` and releases ``Stored.leases``."""
+    whole. The caller commits the version with ``record`` and releases ``Stored.leases``
+    in that transaction."""
     with db.session() as session:
         found = repo.find_stored_tensors(session, hashes)
     shared = _shared_bytes(header, hashes, found)
@@ -119,12 +120,7 @@ def _store_whole(
     hashes: Sequence[str],
     digest: str,
 ) -> Stored:
-    leases = _lease(db, settings, [digest])
-    try:
-        blobs.put_file(digest, path)
-    except BaseException:
-        release(db, leases)
-        raise
+    leases = _put_leased(db, blobs, settings, digest, path)
     index = [
         (sha, digest, header.data_start + t.begin, t.nbytes)
         for t, sha in zip(header.tensors, hashes, strict=True)
@@ -152,39 +148,40 @@ def _store_composed(
             return None
         delta, new_at = _write_delta(settings, path, header, hashes, places)
         try:
-            leases += _lease(db, settings, [delta.digest])
-            blobs.put_file(delta.digest, delta.path)
+            leases += _put_leased(db, blobs, settings, delta.digest, delta.path)
         finally:
             delta.path.unlink(missing_ok=True)
     except BaseException:
         release(db, leases)
         raise
-    extents = [Extent(delta.digest, 0, header.data_start)]
-    for tensor, sha in zip(header.tensors, hashes, strict=True):
-        if sha in new_at:
-            start = new_at[sha]
-            extents.append(Extent(delta.digest, start, start + tensor.nbytes))
-        elif tensor.nbytes:
-            blob, start, _ = places[sha]
-            extents.append(Extent(blob, start, start + tensor.nbytes))
-    index = [
-        (sha, delta.digest, start, size) for sha, (start, size) in _sizes(new_at, header, hashes)
-    ]
-    new_bytes = delta.size - header.data_start
+    sizes = {sha: t.nbytes for t, sha in zip(header.tensors, hashes, strict=True)}
+    index = [(sha, delta.digest, start, sizes[sha]) for sha, start in new_at.items()]
+    new_tensor_bytes = delta.size - header.data_start
     return Stored(
-        merge_extents(extents),
+        _extents(header, hashes, delta.digest, places, new_at),
         index,
         leases,
-        shared_bytes=header.data_size - new_bytes,
+        shared_bytes=header.data_size - new_tensor_bytes,
         new_bytes=delta.size,
     )
 
 
-def _sizes(
-    new_at: dict[str, int], header: SafetensorsHeader, hashes: Sequence[str]
-) -> list[tuple[str, tuple[int, int]]]:
-    sizes = {sha: t.nbytes for t, sha in zip(header.tensors, hashes, strict=True)}
-    return [(sha, (start, sizes[sha])) for sha, start in new_at.items()]
+def _extents(
+    header: SafetensorsHeader,
+    hashes: Sequence[str],
+    head_blob: str,
+    places: dict[str, tuple[str, int, int]],
+    new_at: dict[str, int],
+) -> list[Extent]:
+    """The file in order: its header (the start of ``head_blob``), then each tensor's bytes:
+    a new one from ``head_blob`` at ``new_at``, a stored one where ``places`` says."""
+    extents = [Extent(head_blob, 0, header.data_start)]
+    for tensor, sha in zip(header.tensors, hashes, strict=True):
+        if not tensor.nbytes:
+            continue
+        blob, start = (head_blob, new_at[sha]) if sha in new_at else places[sha][:2]
+        extents.append(Extent(blob, start, start + tensor.nbytes))
+    return merge_extents(extents)
 
 
 def _confirm(db: Database, found: dict[str, Any]) -> dict[str, tuple[str, int, int]] | None:
@@ -245,6 +242,19 @@ def _lease(db: Database, settings: Settings, digests: Iterable[str]) -> list[int
     return leases
 
 
+def _put_leased(
+    db: Database, blobs: BlobStore, settings: Settings, digest: str, path: Path
+) -> list[int]:
+    """Store ``path`` as blob ``digest`` under a lease (released here only on failure)."""
+    leases = _lease(db, settings, [digest])
+    try:
+        blobs.put_file(digest, path)
+    except BaseException:
+        release(db, leases)
+        raise
+    return leases
+
+
 def release(db: Database, leases: Iterable[int]) -> None:
     """Release leases outside a commit (after a failure); a lease left expires by itself."""
     try:
@@ -256,12 +266,9 @@ def release(db: Database, leases: Iterable[int]) -> None:
 
 
 def record(session: Any, version: Any, stored: Stored) -> None:
-    """Inside the version's commit: what it reads, its new tensors, its leases released."""
+    """Inside a new version's commit: the blobs it reads and the tensors it brought."""
     repo.add_blob_refs(session, version, stored.refs)
     repo.index_stored_tensors(session, stored.index)
-    for lease_id in stored.leases:
-        repo.release_lease(session, lease_id)
-    stored.leases = []
 
 
 # -- pushes that upload only missing tensors ---------------------------------------------------
@@ -283,9 +290,8 @@ def store_tensor(
                 f"the uploaded bytes hash to {spooled.digest}, not {sha256}",
                 detail={"expected": sha256, "actual": spooled.digest},
             )
-        leases = _lease(db, settings, [sha256])
+        leases = _put_leased(db, blobs, settings, sha256, spooled.path)
         try:
-            blobs.put_file(sha256, spooled.path)
             with db.session() as session:
                 repo.index_stored_tensors(session, [(sha256, sha256, 0, spooled.size)])
                 for lease_id in leases:
@@ -302,7 +308,7 @@ def compose_from_hashes(
     db: Database,
     blobs: BlobStore,
     settings: Settings,
-    header_path: Path,
+    header_file: Spooled,
     header: SafetensorsHeader,
     hashes: Sequence[str],
 ) -> tuple[Stored, str]:
@@ -315,19 +321,13 @@ def compose_from_hashes(
     with db.session() as session:
         found = repo.find_stored_tensors(session, hashes)
     _require_stored(header, hashes, found)
-    header_blob = _hash_file(header_path)
-    leases = _lease(db, settings, {row.blob_digest for row in found.values()} | {header_blob})
+    leases = _lease(db, settings, {row.blob_digest for row in found.values()})
     try:
         places = _confirm(db, found)
         if places is None:
             raise Conflict("stored tensors were collected meanwhile; push again")
-        blobs.put_file(header_blob, header_path)
-        extents = [Extent(header_blob, 0, header.data_start)]
-        for tensor, sha in zip(header.tensors, hashes, strict=True):
-            if tensor.nbytes:
-                blob, start, _ = places[sha]
-                extents.append(Extent(blob, start, start + tensor.nbytes))
-        extents = merge_extents(extents)
+        leases += _put_leased(db, blobs, settings, header_file.digest, header_file.path)
+        extents = _extents(header, hashes, header_file.digest, places, {})
         digest = _digest_of(blobs, extents, settings.stream_chunk_bytes)
     except BaseException:
         release(db, leases)
@@ -359,11 +359,6 @@ def _require_stored(
             f"{len(missing)} tensor(s) are not stored: upload them, then compose again",
             detail={"missing": sorted(set(missing))},
         )
-
-
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _digest_of(blobs: BlobStore, extents: list[Extent], chunk: int) -> str:

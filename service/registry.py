@@ -203,7 +203,7 @@ def compose_version(
             db=db,
             blobs=blobs,
             settings=settings,
-            header_path=spooled.path,
+            header_file=spooled,
             header=header,
             hashes=hashes,
         )
@@ -245,8 +245,8 @@ def commit_version(
         )
         if result.created:
             dedup.record(session, result.version, stored)
-        else:
-            dedup.record(session, result.version, dedup.Stored(None, [], stored.leases))
+        for lease_id in stored.leases:
+            repo.release_lease(session, lease_id)
         stored.leases = []
     return result
 
