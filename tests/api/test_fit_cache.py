@@ -61,6 +61,14 @@ def wait_for(server: ServerProcess, before: dict[Any, float], event: str, n: int
         time.sleep(0.05)
 
 
+def fetch_and_cache(server: ServerProcess, ref: str, target: dict[str, Any]) -> Any:
+    """A fetch, once its body is stored in the fit cache (after the response)."""
+    before = scrape(server.url)
+    response = fetch_raw(server, ref, target)
+    wait_for(server, before, "stored")
+    return response
+
+
 def entries(deployment: Deployment, etag: str | None = None) -> list[Any]:
     engine = deployment.engine()
     query = "SELECT etag, version_id, digest, size, hits, created_at, last_used_at FROM fit_cache"
@@ -117,10 +125,8 @@ def test_a_rename_only_fetch_is_cached_too(
     source = state_dict(2)
     hub.push(f"{ns}/wrapped", {f"module.{k}": v for k, v in source.items()})
     target = spec(source, "F32")
-    before = scrape(cache_server.url)
-    first = fetch_raw(cache_server, f"{ns}/wrapped", target)
+    first = fetch_and_cache(cache_server, f"{ns}/wrapped", target)
     assert first.headers["x-statehub-fetch-mode"] == "rewrite"
-    wait_for(cache_server, before, "stored")
     assert fetch_raw(cache_server, f"{ns}/wrapped", target).headers["x-statehub-fetch-mode"] == (
         "cached"
     )
@@ -132,9 +138,7 @@ def test_another_target_or_version_is_a_miss(
 ) -> None:
     source = state_dict(3)
     hub.push(f"{ns}/m", source)
-    before = scrape(cache_server.url)
-    fetch_raw(cache_server, f"{ns}/m", spec(source, "F16"))
-    wait_for(cache_server, before, "stored")
+    fetch_and_cache(cache_server, f"{ns}/m", spec(source, "F16"))
 
     other_target = fetch_raw(cache_server, f"{ns}/m", spec(source, "BF16"))
     assert other_target.headers["x-statehub-fetch-mode"] == "transform"
@@ -155,9 +159,7 @@ def test_ranges_of_a_cached_body(cache_server: ServerProcess, hub: Client, ns: s
     source = state_dict(4)
     hub.push(f"{ns}/m", source)
     target = spec(source, "F16")
-    before = scrape(cache_server.url)
-    full = fetch_raw(cache_server, f"{ns}/m", target)
-    wait_for(cache_server, before, "stored")
+    full = fetch_and_cache(cache_server, f"{ns}/m", target)
     etag = full.headers["etag"]
 
     resume = {"Range": "bytes=100-4099", "If-Range": etag}
@@ -225,9 +227,7 @@ def test_gc_evicts_unused_entries_then_collects_their_blobs(
     source = state_dict(7)
     hub.push(f"{ns}/m", source)
     target = spec(source, "F16")
-    before = scrape(cache_server.url)
-    etag = fetch_raw(cache_server, f"{ns}/m", target).headers["etag"].strip('"')
-    wait_for(cache_server, before, "stored")
+    etag = fetch_and_cache(cache_server, f"{ns}/m", target).headers["etag"].strip('"')
     [entry] = entries(deployment, etag)
     store = deployment.store()
 
@@ -248,9 +248,8 @@ def test_a_hard_deleted_version_takes_its_entries_along(
 ) -> None:
     source = state_dict(8)
     hub.push(f"{ns}/m", source)
-    before = scrape(cache_server.url)
-    etag = fetch_raw(cache_server, f"{ns}/m", spec(source, "F16")).headers["etag"].strip('"')
-    wait_for(cache_server, before, "stored")
+    etag = fetch_and_cache(cache_server, f"{ns}/m", spec(source, "F16")).headers["etag"]
+    etag = etag.strip('"')
     assert len(entries(deployment, etag)) == 1
     hub.delete_version(f"{ns}/m:1", hard=True)
     assert entries(deployment, etag) == []
@@ -291,9 +290,7 @@ def test_a_large_corrupted_cached_body_is_cut_short_and_refused(
         source = state_dict(seed)
         hub.push(f"{ns}/{name}", source)
         target = spec(source, "F16")
-        before = scrape(streaming.url)
-        etag = fetch_raw(streaming, f"{ns}/{name}", target).headers["etag"].strip('"')
-        wait_for(streaming, before, "stored")
+        etag = fetch_and_cache(streaming, f"{ns}/{name}", target).headers["etag"].strip('"')
         [entry] = entries(deployment, etag)
         flip_stored_byte(streaming, entry.digest, 100)
         with Client(streaming.url, retries=1) as client:
