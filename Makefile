@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first, so that nothing below can pull a CUDA build of torch.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# The constraint keeps libraries that depend on torch (transformers) on the wheel above.
+	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -e ".[dev]" -c $(VENV)/torch-constraint.txt
 	touch $(STAMP)
 
 install: $(STAMP)
