@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
 from service.api import adapters, admin, fitting, models, tensors, tokens
+from service.api.bodies import takes_raw_body
 from service.errors import StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
@@ -155,7 +156,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimitMiddleware:
-    """Bounds JSON request bodies (specs, policies); uploads have their own limit."""
+    """Bounds JSON request bodies (specs, policies); routes marked ``raw_body`` spool their
+    uploads under ``max_upload_bytes`` instead (service.api.bodies)."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -164,7 +166,7 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        if scope["path"].endswith("/versions"):  # uploads: bounded by max_upload_bytes
+        if takes_raw_body(scope):  # uploads: spooled, bounded by max_upload_bytes
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")

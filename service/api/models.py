@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from service import metrics, registry
+from service.api.bodies import raw_body
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -119,6 +120,7 @@ def restore_model(name: ModelNameDep, session: SessionDep, principal: PrincipalD
         }
     },
 )
+@raw_body
 async def upload_version(
     request: Request,
     response: Response,

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from service import dedup, registry
+from service.api.bodies import raw_body
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -66,6 +67,7 @@ def missing_tensors(
 
 
 @router.put("/{namespace}/{name}/tensors/{sha256}", response_model=TensorOut)
+@raw_body
 async def upload_tensor(
     request: Request,
     name: ModelNameDep,
