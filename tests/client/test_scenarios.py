@@ -39,8 +39,11 @@ def assert_loads_with(
     actual = model.state_dict()
     assert list(sd) == list(actual)
     for key, value in expected.items():
-        assert actual[key].dtype == value.dtype or value.dtype != actual[key].dtype
-        assert torch.equal(actual[key], value.to(actual[key].dtype)), key
+        # load_state_dict casts silently, so the fetched tensor itself must carry the
+        # model's dtype: that is the server's cast being checked.
+        assert sd[key].dtype == actual[key].dtype, key
+        assert torch.equal(sd[key], value.to(actual[key].dtype)), key
+        assert torch.equal(actual[key], sd[key]), key
 
 
 def fetch_headers(
