@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from statehub._tensors import safetensors_header, tensor_bytes
+from statehub._tensors import _contiguous_cpu, safetensors_header, tensor_bytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -40,6 +40,9 @@ class Pushable:
 
 
 def of_state_dict(items: list[tuple[str, torch.Tensor]]) -> Pushable:
+    # One host copy per tensor, kept for hashing, uploading and the file digest: a module on
+    # a GPU is copied to the CPU once, not once per pass (a CPU tensor is not copied at all).
+    items = [(key, _contiguous_cpu(tensor)) for key, tensor in items]
     header = safetensors_header(items)
     hashes, sizes = {}, {}
     for key, tensor in items:
