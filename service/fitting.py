@@ -19,11 +19,13 @@ import torch
 from sqlalchemy.orm import Session
 
 from service import metrics
+from service.core import layout as layout_rules
 from service.core import ops
 from service.core.access import Scope
 from service.core.adapters import AdapterSpec
+from service.core.layout import HeaderBytes, Segment, StoredRange, Transformed, append_stored
 from service.core.names import ModelName, VersionRef
-from service.core.plan import Entry, Plan, Policy
+from service.core.plan import Plan, Policy
 from service.core.planner import plan as make_plan
 from service.core.safetensors_format import build_header
 from service.core.spec import ArchSpec, TensorSpec
@@ -100,40 +102,6 @@ def plan_version(
 
 
 @dataclass(frozen=True)
-class HeaderBytes:
-    data: bytes
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-
-@dataclass(frozen=True)
-class StoredRange:
-    start: int  # absolute offsets in the stored blob
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class Transformed:
-    entry: Entry
-    source: TensorSpec | None
-    source_start: int  # absolute offset of the source tensor in the blob
-    target: TensorSpec
-
-    @property
-    def length(self) -> int:
-        return self.target.nbytes
-
-
-Segment = HeaderBytes | StoredRange | Transformed
-
-
-@dataclass(frozen=True)
 class FetchLayout:
     segments: tuple[Segment, ...]
     mode: str  # passthrough | rewrite | transform
@@ -164,7 +132,7 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
         if entry.action == "copy":
             assert entry.source is not None
             begin, end = offsets[entry.source]
-            _append_range(segments, version.data_start + begin, version.data_start + end)
+            append_stored(segments, version.data_start + begin, version.data_start + end)
             continue
         if target_tensor.nbytes > settings.max_transform_tensor_bytes:
             raise TooLarge(
@@ -176,15 +144,6 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
         segments.append(Transformed(entry, spec, start, target_tensor))
     mode = "transform" if any(isinstance(s, Transformed) for s in segments) else "rewrite"
     return FetchLayout(tuple(segments), mode, etag, plan)
-
-
-def _append_range(segments: list[Segment], start: int, end: int) -> None:
-    """Adjacent stored ranges become one read (one ranged GET on S3)."""
-    last = segments[-1]
-    if isinstance(last, StoredRange) and last.end == start:
-        segments[-1] = StoredRange(last.start, end)
-    else:
-        segments.append(StoredRange(start, end))
 
 
 def _fetch_metadata(version: Version, plan: Plan) -> dict[str, str]:
@@ -200,27 +159,14 @@ def _fetch_metadata(version: Version, plan: Plan) -> dict[str, str]:
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
-    """A single ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end), or None."""
-    if not header:
-        return None
-    unit, _, spec = header.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None  # unsupported forms are ignored: the full body is served (RFC 9110)
-    first, _, last = spec.strip().partition("-")
+    """A single ``bytes=`` range as [start, end), or None (``service.core.layout``)."""
     try:
-        if not first:
-            start, end = max(total - int(last), 0), total
-        else:
-            start = int(first)
-            end = min(int(last) + 1, total) if last else total
-    except ValueError:
-        return None
-    if start >= total or end <= start:
+        return layout_rules.parse_range(header, total)
+    except layout_rules.UnsatisfiableRange as exc:
         raise RangeNotSatisfiable(
             f"range {header!r} is outside the {total} bytes of this response",
             detail={"length": total},
-        )
-    return start, end
+        ) from exc
 
 
 def iter_layout(
