@@ -38,7 +38,7 @@ from service.errors import InvalidCheckpoint, TooLarge
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 # A checkpoint's pickle is its structure, not its weights: megabytes even for huge models.
-MAX_PICKLE_BYTES = 128 * 1024 * 1024
+MAX_PICKLE_BYTES = 32 * 1024 * 1024
 # Compressed records may inflate to at most this many times the upload (plus the slack).
 MAX_INFLATION = 16
 INFLATION_SLACK = 64 * 1024 * 1024

@@ -26,6 +26,7 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -581,6 +582,15 @@ MAX_KEY_DEPTH = 16
 # Each step may allocate an object (``]`` is one byte, an empty list ~60): this bounds the
 # memory a hostile pickle can claim. Real checkpoints take ~30 steps per tensor.
 MAX_OPCODES = 10_000_000
+# Steps bound time, not memory: an empty set is one byte of pickle and ~216 bytes of heap.
+# So what the machine builds is charged against a budget (sys.getsizeof of every new value,
+# 128 bytes per memo entry, 64 per item added to a container). A torch.save of 10,000
+# tensors with optimizer state builds ~20 MB; 10 million empty sets would build 2 GiB.
+MAX_BUILT_BYTES = 256 * 1024 * 1024
+MAX_STACK = 200_000  # values on one stack level: bounds nesting built by APPEND chains
+MAX_MARKS = 1_000  # open MARKs: bounds nesting built by MARK ... TUPLE/LIST
+_SLOT_BYTES = 64
+_MEMO_BYTES = 128  # a memo entry: the dict slot and its int key (the issue measured ~127)
 
 
 def check_key(key: Any, depth: int = 0) -> Any:
@@ -594,6 +604,10 @@ def check_key(key: Any, depth: int = 0) -> Any:
     if isinstance(key, (Placeholder, GlobalRef, TensorRef, DType, StorageType, _Builder)):
         return key  # hashed by identity or by plain fields
     raise InvalidCheckpoint(f"corrupt pickle: a {type(key).__name__} used as a dict key")
+
+
+# Opcodes that push no new value (the top is an old one, or nothing was pushed).
+_NO_NEW_VALUE = frozenset(b"2ghjqpr\x94abesu\x90\x95\x80\x98(")
 
 
 class _Truncated(Exception):
@@ -635,6 +649,7 @@ class RestrictedUnpickler:
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
+        self.built = 0  # bytes charged against MAX_BUILT_BYTES
         self.dispatch = self._dispatch_table()
 
     # reading
@@ -682,13 +697,31 @@ class RestrictedUnpickler:
                 raise InvalidCheckpoint(
                     f"corrupt pickle: unknown opcode 0x{opcode:02x} at byte {self.pos - 1}"
                 )
+            depth = len(self.stack)
             if handler():
                 return self.stack.pop() if self.stack else None
+            if len(self.stack) >= depth and self.stack and opcode not in _NO_NEW_VALUE:
+                self._charge(sys.getsizeof(self.stack[-1]))
+            if len(self.stack) > MAX_STACK or len(self.metastack) > MAX_MARKS:
+                raise TooLarge(
+                    f"the checkpoint's pickle nests deeper than {MAX_STACK} values or "
+                    f"{MAX_MARKS} marks: refused as too large to read",
+                    detail={"limit": "max_stack", "max_stack": MAX_STACK, "max_marks": MAX_MARKS},
+                )
         raise TooLarge(
             f"the checkpoint's pickle runs more than {MAX_OPCODES} steps: refused as too "
             "large to read",
             detail={"limit": MAX_OPCODES},
         )
+
+    def _charge(self, nbytes: int) -> None:
+        self.built += nbytes
+        if self.built > MAX_BUILT_BYTES:
+            raise TooLarge(
+                f"the checkpoint's pickle builds more than {MAX_BUILT_BYTES} bytes of objects "
+                "(a real checkpoint's structure needs a few MB): refused as too large to read",
+                detail={"limit": "max_built_bytes", "max_built_bytes": MAX_BUILT_BYTES},
+            )
 
     def _read(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -910,6 +943,8 @@ class RestrictedUnpickler:
     def _put(self, index: int) -> None:
         if index < 0:
             raise InvalidCheckpoint("corrupt pickle: negative memo index")
+        if index not in self.memo:
+            self._charge(_MEMO_BYTES)
         self.memo[index] = self._top()
 
     def _persistent(self, pid: Any) -> None:
@@ -975,6 +1010,7 @@ class RestrictedUnpickler:
     def _set_items(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise InvalidCheckpoint("corrupt pickle: SETITEMS with an odd number of items")
+        self._charge(_SLOT_BYTES * (len(items) // 2))
         if isinstance(target, dict):
             for i in range(0, len(items), 2):
                 target[check_key(items[i])] = items[i + 1]
@@ -993,6 +1029,7 @@ class RestrictedUnpickler:
         self._set_items(self._top(), items)
 
     def _append(self, target: Any, items: list[Any]) -> None:
+        self._charge(_SLOT_BYTES * len(items))
         if isinstance(target, list):
             target.extend(items)
         elif isinstance(target, Placeholder):
@@ -1013,6 +1050,7 @@ class RestrictedUnpickler:
         target = self._top()
         if not isinstance(target, set):
             raise InvalidCheckpoint("corrupt pickle: ADDITEMS on something not a set")
+        self._charge(_SLOT_BYTES * len(items))
         target.update(_elements(items))
 
     def _op_build(self) -> None:

@@ -435,3 +435,83 @@ def test_legacy_files_must_end_with_their_last_storage(mutate: Any) -> None:
 def test_a_plain_pickle_is_not_a_legacy_checkpoint() -> None:
     with pytest.raises(InvalidCheckpoint, match="magic number"):
         read_torch_legacy(pickle.dumps({"w": [1.0]}, protocol=2), limits=LIMITS)
+
+
+# -- memory bounds: what a pickle may build, not only how many steps it takes -------------
+
+from service.core import unpickle as unpickle_module  # noqa: E402
+
+
+def _deflated_zip(pickle_bytes: bytes) -> bytes:
+    """A torch zip whose data.pkl is ``pickle_bytes``, deflated (tiny on the wire)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle_bytes, compress_type=zipfile.ZIP_DEFLATED)
+        archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
+    return buffer.getvalue()
+
+
+AMPLIFIERS = {
+    # ~216 heap bytes per pickle byte: the issue's 10 KB upload that held 2.2 GiB
+    "empty_sets": b"\x80\x02" + b"\x8f" * 9_900_000 + b".",
+    # 4M memo entries of one value: heap grows by the memo, not the stack
+    "memo": b"\x80\x02N" + b"\x94" * 4_000_000 + b".",
+    # nested lists: each ']' then 'a' later, so nesting lives on the stack
+    "nested_lists": b"\x80\x02" + b"]" * 4_900_000 + b"a" * 4_899_999 + b".",
+    # nested marks: MARK ... LIST opened a million times
+    "nested_marks": b"\x80\x02" + b"(" * 1_000_000 + b"l" * 1_000_000 + b".",
+}
+
+
+@pytest.mark.parametrize("case", list(AMPLIFIERS))
+def test_a_pickle_that_builds_too_much_is_too_large(case: str) -> None:
+    with pytest.raises(TooLarge) as caught:
+        load(AMPLIFIERS[case])
+    assert caught.value.code == "too_large"
+    assert caught.value.detail["limit"] in {"max_built_bytes", "max_stack"}
+
+
+def test_an_amplifying_torch_zip_is_refused_before_it_builds_gigabytes() -> None:
+    upload = _deflated_zip(AMPLIFIERS["empty_sets"])
+    assert len(upload) < 64 * 1024  # the attack is small on the wire
+    with pytest.raises(TooLarge) as caught:
+        read_torch_zip(upload, limits=LIMITS)
+    assert caught.value.detail["limit"] in {"max_built_bytes", "max_stack"}
+
+
+def test_the_built_bytes_bound_is_charged_per_object() -> None:
+    # 1,000 empty sets are well inside; the charge counts them (about 216 bytes each).
+    reader = unpickle_module.RestrictedUnpickler(
+        b"\x80\x02(" + b"\x8f" * 1000 + b"l.", limits=LIMITS
+    )
+    value = reader.load()
+    assert value == [set()] * 1000
+    assert 1000 * sys.getsizeof(set()) <= reader.built < 2 * 1000 * sys.getsizeof(set()) + 65536
+
+
+@pytest.mark.slow
+def test_a_training_snapshot_with_10000_tensors_and_optimizer_state_still_loads() -> None:
+    model = OrderedDict((f"layer{i}.weight", torch.full((2,), float(i))) for i in range(10_000))
+    snapshot = {
+        "epoch": 90,
+        "state_dict": model,
+        "optimizer": {
+            "state": {
+                i: {
+                    "step": torch.tensor(5.0),
+                    "exp_avg": torch.zeros(2),
+                    "exp_avg_sq": torch.ones(2),
+                }
+                for i in range(10_000)
+            },
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": list(range(10_000))}],
+        },
+        "config": argparse.Namespace(lr=0.1, arch="resnet"),
+    }
+    checkpoint = read_torch_zip(saved(snapshot), limits=LIMITS)
+    root = checkpoint.root
+    weights = tensors_in(root["state_dict"])
+    assert len(weights) == 10_000
+    assert len(root["optimizer"]["state"]) == 10_000
+    assert weights["layer9999.weight"].shape == (2,)
