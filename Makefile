@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy service/core clients/statehub
+	$(VENV)/bin/mypy service clients/statehub
 
 migrations-check: $(STAMP)
 	rm -f $(VENV)/alembic-check.db

@@ -42,6 +42,7 @@ from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.models import Version
+from service.storage.sources import ByteSource
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
 
 
 def iter_layout(
-    layout: FetchLayout, blobs: BlobStore, digest: str, *, start: int, end: int, chunk: int
+    layout: FetchLayout, blobs: ByteSource, digest: str, *, start: int, end: int, chunk: int
 ) -> Iterator[bytes | memoryview]:
     """The bytes [start, end) of the fetch body, produced segment by segment.
 
@@ -227,7 +228,7 @@ class SequentialReader:
     """Forward reads of one blob: a read that starts where the previous one ended goes on
     with the same ranged read; any other opens a new one, up to the end of its run."""
 
-    def __init__(self, blobs: BlobStore, digest: str, chunk: int) -> None:
+    def __init__(self, blobs: ByteSource, digest: str, chunk: int) -> None:
         self._blobs = blobs
         self._digest = digest
         self._chunk = chunk
@@ -270,7 +271,7 @@ class SequentialReader:
 
 
 def stream_fetch(
-    result: FetchResult, blobs: BlobStore, *, chunk: int
+    result: FetchResult, blobs: ByteSource, *, chunk: int
 ) -> Iterator[bytes | memoryview]:
     """The body of a fetch response, counted in flight while it streams.
 

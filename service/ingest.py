@@ -361,7 +361,7 @@ class StorageReader:
         """The tensor's little-endian bytes; a slice of the file when it is contiguous there."""
         if ref.is_contiguous() and self._checkpoint.byteorder == "little" and ref.numel:
             start = ref.byte_offset
-            return memoryview(self._storage(ref)[start : start + ref.nbytes].numpy())
+            return self._storage(ref)[start : start + ref.nbytes].numpy().data
         return tensor_bytes(self.tensor(ref))
 
     def scalar(self, ref: TensorRef) -> float | int | bool | None:
@@ -397,7 +397,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 # -- writing -----------------------------------------------------------------------------------

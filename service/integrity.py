@@ -29,7 +29,7 @@ import logging
 from collections.abc import Iterator
 
 from service.errors import StorageError
-from service.storage.blobs import BlobStore
+from service.storage.sources import ByteSource
 
 log = logging.getLogger("statehub")
 
@@ -47,14 +47,14 @@ def _check(digest: str, actual: str) -> None:
         )
 
 
-def read_verified(blobs: BlobStore, digest: str, size: int) -> bytes:
+def read_verified(blobs: ByteSource, digest: str, size: int) -> bytes:
     data = blobs.read_range(digest, 0, size)
     _check(digest, hashlib.sha256(data).hexdigest())
     return data
 
 
 def iter_verified(
-    blobs: BlobStore, digest: str, size: int, start: int, end: int, chunk: int
+    blobs: ByteSource, digest: str, size: int, start: int, end: int, chunk: int
 ) -> Iterator[bytes | memoryview]:
     """Bytes ``[start, end)`` of the blob; the very last byte only once the whole blob
     checks (one byte is enough to keep a body short, and costs no memory)."""
@@ -90,7 +90,7 @@ def client_verifies(header: str | None) -> bool:
 
 class VerifiedBlob:
     """One stored blob, read the way this module describes; a drop-in for the two read
-    methods of a ``BlobStore`` that the blob download and the fetch body use.
+    methods of a ``ByteSource`` that the blob download and the fetch body use.
 
     Args:
         whole_in_order: the caller reads ``[start, end)`` in one ``iter_range`` call (a
@@ -102,7 +102,7 @@ class VerifiedBlob:
 
     def __init__(
         self,
-        blobs: BlobStore,
+        blobs: ByteSource,
         digest: str,
         size: int,
         *,

@@ -16,6 +16,7 @@ from typing import Any
 
 from service.errors import StorageError
 from service.storage.blobs import BlobStore
+from service.storage.sources import ByteSource
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class ComposedBlob:
                     close()
 
 
-def version_bytes(blobs: BlobStore, digest: str, extents: Sequence[Any] | None) -> Any:
+def version_bytes(blobs: BlobStore, digest: str, extents: Sequence[Any] | None) -> ByteSource:
     """What a version's bytes are read from: its blob in ``blobs``, or the composition its
     ``extents`` describe (both offer ``read_range``/``iter_range`` under ``digest``)."""
     if extents is None:
