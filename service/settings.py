@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     s3_secret_access_key: str = ""
     s3_multipart_threshold: int = Field(default=64 * MiB, ge=5 * MiB)
     s3_multipart_chunk: int = Field(default=64 * MiB, ge=5 * MiB)
+    # An S3 outage answers 503 within about attempts x (connect or read timeout + backoff),
+    # not after minutes of retries. The read timeout is per socket read, not per object.
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    s3_read_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
 
     # Where upload bodies are spooled while they are hashed and validated.
     spool_dir: Path | None = None
@@ -65,6 +71,21 @@ class Settings(BaseSettings):
     # A push stores its tensors one by one, as ranges of blobs already stored plus one blob
     # of new tensors, when at least this fraction of its bytes is stored already.
     dedup_min_shared_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    # The address clients use (https://statehub.example.com), shown in the UI's snippets;
+    # empty: http://<host>:<port>. Never taken from a request's Host header.
+    public_url: str = ""
+
+    # Slow and half-open clients: a request's line and headers must arrive within
+    # request_header_timeout_s and hold at most request_head_max_bytes; a body may pause at
+    # most request_body_timeout_s and must average request_body_min_rate bytes per second
+    # (each byte received buys 1/rate s, up to that timeout). Idle keep-alive connections
+    # are closed after keep_alive_timeout_s.
+    request_header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    request_head_max_bytes: int = Field(default=64 * 1024, ge=4096, le=16 * MiB)
+    request_body_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    request_body_min_rate: int = Field(default=8 * 1024, ge=1)
+    keep_alive_timeout_s: int = Field(default=5, ge=1, le=600)
 
     # Operations. Logs: one JSON object per line, or "text" for a terminal.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -104,6 +125,16 @@ class Settings(BaseSettings):
     def _lowercase(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        web = parts.scheme in ("http", "https") and parts.netloc
+        if value and (not web or parts.query or parts.fragment):
+            raise ValueError("STATEHUB_PUBLIC_URL must look like https://statehub.example.com")
+        return value
+
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> Settings:
         if self.s3_endpoint and not self.s3_bucket:
@@ -119,6 +150,10 @@ class Settings(BaseSettings):
     @cached_property
     def effective_spool_dir(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
+
+    @property
+    def effective_public_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
 
     @property
     def uses_s3(self) -> bool:
