@@ -263,6 +263,7 @@ def _commit_version(
     extents: list[Extent] | None,
 ) -> PushResult:
     model = repo.get_or_create_model(session, name, actor=actor)
+    repo.lock_model(session, model)  # identical concurrent pushes: one version, not several
     existing = repo.find_version_by_digest(session, model, ingested.digest)
     if existing is not None:
         if alias is not None:

@@ -119,6 +119,16 @@ def list_models(
     return models[offset : offset + limit], len(models)
 
 
+def lock_model(session: Session, model: Model) -> None:
+    """Hold the model's row until the commit, so that a check-then-insert (a push looking
+    for a version of the same digest) is not raced by a concurrent one. A no-op UPDATE:
+    PostgreSQL locks the row; SQLite (whose SELECT FOR UPDATE does not exist) takes its
+    database write lock, which a deferred transaction otherwise takes only at the insert."""
+    session.execute(
+        update(Model).where(Model.id == model.id).values(last_version=Model.last_version)
+    )
+
+
 def next_version_number(session: Session, model: Model) -> int:
     """Atomically take the next number: the UPDATE locks the row until the commit."""
     session.execute(
