@@ -7,7 +7,9 @@
 - Logs are one JSON object per line (``ts``, ``level``, ``logger``, ``msg``, ``request_id``
   and any ``extra`` fields), or plain text for people (``STATEHUB_LOG_FORMAT=text``).
   Both pass through ``Redactor``: bearer tokens, ``Authorization`` values, ``token=`` /
-  ``secret=`` style parameters, URL passwords and the configured secrets never reach a log.
+  ``secret=`` style parameters, URL passwords and the configured secrets never reach a log;
+  botocore's signer records (canonical requests, signatures) are dropped before that, so a
+  presigned URL's ``X-Amz-Signature`` is never logged, even at debug level.
 - ``RequestContextMiddleware`` counts and times each request by route *template* (bounded
   label values) and status, writes the access log, and refuses new work while draining.
 """
@@ -59,6 +61,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"(?i)\b({_KEY})=[^&\s\"',;]+"), rf"\1={REDACTED}"),
     # "token": "...", 'secret_access_key': '...'  (JSON and dict reprs)
     (re.compile(rf"(?i)([\"']{_KEY}[\"']\s*:\s*b?[\"'])[^\"']*"), rf"\1{REDACTED}"),
+    # botocore's "Signature:\n<hex>" and any signature-like hex after "signature"
+    (re.compile(r"(?i)(signature[\"']?\s*[:=]\s*[\"']?)[0-9a-f]{32,}"), rf"\1{REDACTED}"),
     # scheme://user:password@host
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@"), rf"\1{REDACTED}@"),
 )
@@ -106,6 +110,18 @@ _RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {
     "color_message",  # uvicorn's ANSI copy of msg
     "taskName",
 }
+
+
+# botocore's signer logs, at debug, the canonical request, the string to sign and the
+# signature itself: for a presigned URL that signature is the credential a client holds
+# until the URL expires. Its records are dropped whole; the redactor catches stray copies.
+SIGNER_LOGGERS = ("botocore.auth", "botocore.signers")
+
+
+class _SignerFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        signer = record.name in SIGNER_LOGGERS or record.name.startswith("botocore.auth.")
+        return not (signer and record.levelno < logging.INFO)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -164,6 +180,7 @@ def configure_logging(settings: Settings) -> None:
     """Route every logger (uvicorn's included) to one redacting handler on stderr."""
     redact = Redactor(settings_secrets(settings))
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_SignerFilter())
     handler.addFilter(_RequestIdFilter())
     json_logs = settings.log_format == "json"
     handler.setFormatter(JsonFormatter(redact) if json_logs else TextFormatter(redact))
