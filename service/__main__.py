@@ -11,6 +11,7 @@ Imports are deferred to the command that needs them: ``healthcheck`` is a light 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -60,6 +61,8 @@ def serve(argv: list[str]) -> None:
         log_level=settings.log_level,
         access_log=False,  # the request middleware writes the access log, with request ids
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        http=timed_http_protocol(settings),
     )
     server = draining_server(config, on_exit=app.state.drain.begin)
     server.run()
@@ -80,6 +83,150 @@ def draining_server(config: Any, *, on_exit: Callable[[], None]) -> Any:
             super().handle_exit(sig, frame)
 
     return DrainingServer(config)
+
+
+def timed_http_protocol(settings: Any) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol (httptools) with deadlines for slow and half-open clients.
+
+    uvicorn itself times out only idle keep-alive connections: a connection that never
+    completes its request line and headers, or trickles its body, would be held forever.
+
+    - Head: from the connection (or a request's first byte) the request line and headers
+      must arrive within ``request_header_timeout_s`` and hold at most
+      ``request_head_max_bytes``: else 408 / 431 and the connection is closed.
+    - Body: a deadline ``request_body_timeout_s`` ahead, which every byte received extends
+      by 1/``request_body_min_rate`` s, never beyond that timeout from now: a body pausing
+      longer, or averaging less than the rate, is answered 408 (or cut, if the response
+      has started) and the application reads a disconnect. While the server itself is not
+      reading (flow control, an unanswered ``Expect: 100-continue``) the client is not
+      timed.
+    """
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    header_timeout = settings.request_header_timeout_s
+    head_max = settings.request_head_max_bytes
+    body_timeout = settings.request_body_timeout_s
+    body_rate = float(settings.request_body_min_rate)
+    tick = min(1.0, body_timeout / 4)
+
+    class HeadTooLarge(Exception):
+        pass
+
+    class TimedHttpToolsProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+        _body_deadline = 0.0
+        _refusal: tuple[int, str] | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(header_timeout, self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(delay, callback)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        # -- the head
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            if self._timer is None:  # a later request on a kept-alive connection
+                self._arm(header_timeout, self._head_timed_out)
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def _count_head(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > head_max:
+                self._refusal = (431, f"request line and headers exceed {head_max} bytes")
+                raise HeadTooLarge  # httptools stops parsing; uvicorn answers send_400
+
+        def send_400_response(self, msg: str) -> None:
+            if self._refusal is None:
+                return super().send_400_response(msg)
+            self._refuse(*self._refusal)
+
+        def _head_timed_out(self) -> None:
+            self._timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                # A pipelined request waits while the previous one is answered.
+                self._arm(header_timeout, self._head_timed_out)
+                return
+            self._refuse(408, f"the request's headers did not arrive within {header_timeout} s")
+
+        def _refuse(self, status: int, message: str) -> None:
+            if self.transport.is_closing():
+                return
+            body = message.encode()
+            self.transport.write(
+                b"".join(
+                    [
+                        STATUS_LINE[status],
+                        b"content-type: text/plain; charset=utf-8\r\n",
+                        b"content-length: %d\r\n" % len(body),
+                        b"connection: close\r\n\r\n",
+                        body,
+                    ]
+                )
+            )
+            self.transport.close()
+
+        # -- the body
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+            self._body_deadline = self.loop.time() + body_timeout
+            self._arm(tick, self._body_tick)
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            now = self.loop.time()
+            self._body_deadline = min(
+                self._body_deadline + len(body) / body_rate, now + body_timeout
+            )
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def _body_tick(self) -> None:
+            self._timer = None
+            now = self.loop.time()
+            cycle = self.cycle
+            if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+                self._body_deadline = now + body_timeout  # we are not reading: not its fault
+            if now < self._body_deadline:
+                self._arm(tick, self._body_tick)
+                return
+            message = (
+                f"the request body arrived slower than {int(body_rate)} bytes/s or paused "
+                f"longer than {body_timeout} s"
+            )
+            if cycle is not None and not cycle.response_started:
+                self._refuse(408, message)
+            else:
+                self.transport.close()
+            if cycle is not None:  # the application's receive() answers http.disconnect
+                cycle.disconnected = True
+                cycle.message_event.set()
+            log.warning("request body timed out: %s", message)
+
+    return TimedHttpToolsProtocol
 
 
 def migrate(argv: list[str]) -> None:
