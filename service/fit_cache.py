@@ -45,6 +45,20 @@ _STORES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fit-cache")
 
 # Layout modes whose body differs from the stored blob (a passthrough is the blob itself).
 CACHEABLE_MODES = frozenset({"rewrite", "transform"})
+# A body more than this fraction made from nothing (fills, padded rows) is not kept: those
+# bytes cost no read to make again, and keeping them would let a target (a read token's
+# choice) decide how much the store holds, for fit_cache_ttl_s.
+MAX_SYNTHESIZED_FRACTION = 0.5
+
+
+def cacheable(layout: FetchLayout, settings: Settings) -> bool:
+    """Whether this fetch's body is worth keeping (its copy is made while it streams)."""
+    if not settings.fit_cache or layout.mode not in CACHEABLE_MODES:
+        return False
+    if layout.synthesized > MAX_SYNTHESIZED_FRACTION * layout.length:
+        metrics.FIT_CACHE.inc("synthesized")
+        return False
+    return True
 
 
 def lookup(session: Session, *, etag: str, version_id: int, size: int) -> FitCacheEntry | None:
@@ -174,7 +188,7 @@ class FitTee:
                 self._complete = self._spool is not None and self._written == self._length
         finally:
             if not self._complete:  # cut short (disconnect, storage error): nothing to keep
-                self.discard()
+                self._abandon()
 
     def _write(self, chunk: bytes | memoryview) -> None:
         with self._lock:

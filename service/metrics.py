@@ -183,8 +183,9 @@ FETCHES = Counter(
 )
 FIT_CACHE = Counter(
     "statehub_fit_cache_total",
-    "Fit cache events: hit, miss, stored, skipped (spool short or failing), failed (store "
-    "refused), dropped (cached blob missing or corrupted), evicted (by gc).",
+    "Fit cache events: hit, miss, stored, skipped (spool short or failing), abandoned (the "
+    "body was cut short, its copy discarded), failed (store refused), dropped (cached blob "
+    "missing or corrupted), evicted (by gc).",
     labels=("event",),
 )
 PRESIGNED_REDIRECTS = Counter(

@@ -544,7 +544,8 @@ class S3BlobStore:
     """Blobs as objects in an S3-compatible bucket (AWS, MinIO, Ceph, moto).
 
     Configured from ``Settings`` (``s3_endpoint``, ``s3_bucket``, ``s3_prefix``,
-    ``s3_region``, keys, multipart threshold and chunk). Objects appear atomically (a single
+    ``s3_region``, keys, multipart threshold and chunk, timeouts and attempts; the keyword
+    arguments override the last three). Objects appear atomically (a single
     PUT or a completed multipart upload); an interrupted multipart upload is aborted by the
     transfer manager; a bucket lifecycle rule that aborts incomplete multipart uploads is
     still recommended for crashes.
@@ -557,9 +558,9 @@ class S3BlobStore:
         self,
         settings: Settings,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_attempts: int = 5,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        max_attempts: int | None = None,
         max_pool_connections: int = 32,
     ) -> None:
         if not settings.s3_bucket:
@@ -577,9 +578,10 @@ class S3BlobStore:
         config = Config(
             signature_version="s3v4",
             region_name=settings.s3_region or None,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # Bounded so that an outage answers 503 in seconds (settings.py), not minutes.
+            connect_timeout=connect_timeout or settings.s3_connect_timeout_s,
+            read_timeout=read_timeout or settings.s3_read_timeout_s,
+            retries={"mode": "standard", "max_attempts": max_attempts or settings.s3_max_attempts},
             max_pool_connections=max_pool_connections,
             # Custom endpoints (MinIO, Ceph) rarely have wildcard DNS for virtual hosts.
             s3={"addressing_style": "path" if self.endpoint else "auto"},

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load as st_load
+from sqlalchemy import event
 
 from service import gc, registry
 from service.core.names import ModelName
@@ -214,6 +215,7 @@ class PausingStore:
         self.in_delete = threading.Event()
         self.release = threading.Event()
         self.pause_put = self.pause_delete = False
+        self.events: list[str] = []  # "put" and "deleted" of that blob, in order
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -221,6 +223,7 @@ class PausingStore:
     def put_file(self, digest: str, path: Path) -> bool:
         stored = self._store.put_file(digest, path)  # "already there" decided here
         if digest == self.digest:
+            self.events.append("put")
             self.in_put.set()
             if self.pause_put:
                 assert self.release.wait(60)
@@ -232,6 +235,41 @@ class PausingStore:
             if self.pause_delete:
                 assert self.release.wait(60)
         self._store.delete(digest)
+        if digest == self.digest:
+            self.events.append("deleted")
+
+
+class LockWatch:
+    """Sees the upload thread's blob-lock statement go out and come back (SQLAlchemy's cursor
+    events on the real database): proof of waiting on gc's lock without a sleep."""
+
+    # repositories.lock_blob: an advisory lock (PostgreSQL), the write lock (SQLite).
+    STATEMENTS = ("pg_advisory_xact_lock", "DELETE FROM blob_leases WHERE blob_leases.id <")
+
+    def __init__(self, db: Database) -> None:
+        self.requested = threading.Event()
+        self.events: list[str] = []
+        self._upload_thread: int | None = None
+        event.listen(db.engine, "before_cursor_execute", self._before)
+        event.listen(db.engine, "after_cursor_execute", self._after)
+
+    def as_upload(self, function: Any, *args: Any) -> Any:
+        self._upload_thread = threading.get_ident()
+        return function(*args)
+
+    def _mine(self, statement: str) -> bool:
+        return threading.get_ident() == self._upload_thread and any(
+            s in statement for s in self.STATEMENTS
+        )
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if self._mine(statement) and not self.requested.is_set():
+            self.events.append("requested")
+            self.requested.set()
+
+    def _after(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if self._mine(statement) and "granted" not in self.events:
+            self.events.append("granted")
 
 
 def spooled(deployment: Deployment, body: bytes) -> Spooled:
@@ -313,15 +351,20 @@ def test_an_upload_waits_for_a_gc_deleting_its_blob_then_stores_it_again(
     body = checkpoint_bytes(301)
     digest = store.digest = orphan(deployment, store, body)
     store.pause_delete = True
+    lock = LockWatch(db)
     with ThreadPoolExecutor(2) as pool:
         collecting = pool.submit(collect, deployment, db, store)
         assert store.in_delete.wait(30)  # gc holds the blob's lock, about to delete it
-        upload = pool.submit(push_in_process, deployment, db, store, "gcrace/b", body)
-        time.sleep(0.5)
-        assert not store.in_put.is_set(), "the upload got past the lock gc holds"
+        upload = pool.submit(
+            lock.as_upload, push_in_process, deployment, db, store, "gcrace/b", body
+        )
+        assert lock.requested.wait(30)  # the upload sent its lock statement
         store.release.set()
         assert digest in collecting.result(60).blobs_deleted
         result = upload.result(60)
+    # The upload's lock statement returned only after gc had deleted the blob (and committed).
+    assert store.events.index("deleted") < lock.events.index("granted")
+    assert store.events.index("deleted") < store.events.index("put")
     assert result.created and store.exists(digest)  # stored again after gc deleted it
     assert hashlib.sha256(store.read_range(digest, 0, len(body))).hexdigest() == digest
 
