@@ -211,10 +211,21 @@ class FitTee:
             self._spool.discard()
             self._spool = None
 
-    def _take(self) -> Spooled | None:
+    def _abandon(self) -> None:
+        """Drop the copy of a body cut short, counted once by whichever side sees it first
+        (the stream closing, or the background store running before the stream is closed)."""
         with self._lock:
-            if not self._complete or self._spool is None:
-                self._discard_locked()
+            abandoned = self._spool is not None
+            self._discard_locked()
+        if abandoned:
+            metrics.FIT_CACHE.inc("abandoned")
+
+    def _take(self) -> Spooled | None:
+        if not self._complete:
+            self._abandon()
+            return None
+        with self._lock:
+            if self._spool is None:
                 return None
             spool, self._spool = self._spool, None
         try:
