@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.errors import StatehubError, StorageError, StorageUnavailable
+from service.fitting import FetchLayout
 from service.integrity import BlobCorrupted, VerifiedBlob, iter_verified
 from service.settings import Settings
 from service.storage import fit_cache_repository as fit_repo

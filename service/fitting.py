@@ -22,7 +22,7 @@ from service import metrics
 from service.core import layout as layout_rules
 from service.core import ops
 from service.core.access import Scope
-from service.core.adapters import AdapterSpec
+from service.core.adapters import AdapterLimits, AdapterSpec
 from service.core.layout import HeaderBytes, Segment, StoredRange, Transformed, append_stored
 from service.core.names import ModelName, VersionRef
 from service.core.plan import Plan, Policy
@@ -31,6 +31,7 @@ from service.core.safetensors_format import build_header
 from service.core.spec import ArchSpec, TensorSpec
 from service.errors import (
     Incompatible,
+    InvalidAdapter,
     InvalidRequest,
     RangeNotSatisfiable,
     StorageError,
@@ -47,6 +48,11 @@ from service.storage.sources import ByteSource
 log = logging.getLogger(__name__)
 
 VERDICT_RANK = {"exact": 0, "adapted": 1, "partial": 2, "incompatible": 3}
+# Room above max_fetch_expansion x the stored size: a small checkpoint's fetch may still
+# resample a position embedding, re-initialise a head or cast to a wider dtype.
+FETCH_EXPANSION_SLACK = 64 * 1024 * 1024
+# Ops that keep a tensor made by a fill constant: such a fill streams without being built.
+_CONSTANT_PRESERVING = frozenset({"cast", "reshape", "transpose"})
 
 
 # -- planning ---------------------------------------------------------------------------
@@ -81,22 +87,43 @@ def applicable_adapters(
     return chosen
 
 
-def plan_for(session: Session, version: Version, target: ArchSpec, policy: Policy) -> Plan:
+def adapter_limits(settings: Settings | None) -> AdapterLimits:
+    """What applying adapters may cost a plan (``service.core.adapters``)."""
+    if settings is None:
+        return AdapterLimits()
+    return AdapterLimits(
+        max_key_length=settings.max_key_length, steps_per_key=settings.adapter_steps_per_key
+    )
+
+
+def plan_for(
+    session: Session,
+    version: Version,
+    target: ArchSpec,
+    policy: Policy,
+    limits: AdapterLimits = AdapterLimits(),
+) -> Plan:
     source = source_spec(version)
     model = f"{version.model.namespace}/{version.model.name}"
     adapters = applicable_adapters(
         session, model=model, source=source, target=target, policy=policy
     )
-    plan = make_plan(source, target, policy=policy, adapters=adapters)
+    plan = make_plan(source, target, policy=policy, adapters=adapters, limits=limits)
     metrics.PLAN_VERDICTS.inc(plan.verdict)
     return plan
 
 
 def plan_version(
-    *, session: Session, name: ModelName, ref: VersionRef, target: ArchSpec, policy: Policy
+    *,
+    session: Session,
+    name: ModelName,
+    ref: VersionRef,
+    target: ArchSpec,
+    policy: Policy,
+    settings: Settings | None = None,
 ) -> tuple[Version, Plan]:
     version = repo.resolve_version(session, repo.get_model(session, name), ref)
-    return version, plan_for(session, version, target, policy)
+    return version, plan_for(session, version, target, policy, adapter_limits(settings))
 
 
 # -- fetch ------------------------------------------------------------------------------
@@ -108,6 +135,8 @@ class FetchLayout:
     mode: str  # passthrough | rewrite | transform
     etag: str
     plan: Plan
+    # Bytes of the body made from nothing: fills, and the rows a pad adds.
+    synthesized: int = 0
 
     @property
     def length(self) -> int:
@@ -126,6 +155,8 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
     offsets = {t["key"]: t["offsets"] for t in version.spec["tensors"]}
     source = source_spec(version)
     loaded = plan.loaded
+    _check_expansion(version, [target[e.target] for e in loaded], settings)
+    synthesized = 0
     header = build_header([target[e.target] for e in loaded], _fetch_metadata(version, plan))
     segments: list[Segment] = [HeaderBytes(header)]
     for entry in loaded:
@@ -143,8 +174,67 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
         start = version.data_start + offsets[entry.source][0] if entry.source else 0
         spec = source[entry.source] if entry.source else None
         segments.append(Transformed(entry, spec, start, target_tensor))
+        synthesized += _synthesized_bytes(entry.ops, spec, target_tensor)
     mode = "transform" if any(isinstance(s, Transformed) for s in segments) else "rewrite"
-    return FetchLayout(tuple(segments), mode, etag, plan)
+    return FetchLayout(tuple(segments), mode, etag, plan, synthesized)
+
+
+def _check_expansion(version: Version, tensors: Sequence[TensorSpec], settings: Settings) -> None:
+    """The target chooses shapes (a read token's choice): what the body carries is bounded
+    by what is stored, so no target makes the server build or send far more than that."""
+    wanted = sum(t.nbytes for t in tensors)
+    limit = int(settings.max_fetch_expansion * version.size) + FETCH_EXPANSION_SLACK
+    if wanted > limit:
+        largest = max(tensors, key=lambda t: t.nbytes)
+        raise TooLarge(
+            f"this fetch would send {wanted} bytes of tensors (the largest, {largest.key!r}, "
+            f"{largest.nbytes}) from a version of {version.size} bytes; the limit is "
+            f"{settings.max_fetch_expansion:g} x its size + {FETCH_EXPANSION_SLACK} bytes "
+            f"= {limit} (STATEHUB_MAX_FETCH_EXPANSION)",
+            detail={"limit": "max_fetch_expansion", "max_bytes": limit, "bytes": wanted},
+        )
+
+
+def _synthesized_bytes(
+    ops_: Sequence[dict[str, Any]], source: TensorSpec | None, target: TensorSpec
+) -> int:
+    """Bytes of ``target`` made from nothing: all of a fill, the rows a pad adds."""
+    if source is None or any(op["op"] == "fill" for op in ops_):
+        return target.nbytes
+    if any(op["op"] == "pad" for op in ops_) and target.numel > source.numel:
+        return target.nbytes - source.numel * (target.nbytes // max(target.numel, 1))
+    return 0
+
+
+def _constant_element(segment: Transformed) -> bytes | None:
+    """The bytes of one element of a tensor made by a fill (then only cast, reshaped or
+    transposed): every element is the same, so the body repeats them instead of building
+    the tensor. None for any other chain."""
+    ops_ = segment.entry.ops
+    if (
+        not ops_
+        or ops_[0]["op"] != "fill"
+        or any(op["op"] not in _CONSTANT_PRESERVING for op in ops_[1:])
+    ):
+        return None
+    scalar = [{**ops_[0], "shape": []}, *(op for op in ops_[1:] if op["op"] == "cast")]
+    element = bytes(tensor_bytes(ops.apply_chain(scalar, None)))
+    if segment.target.numel and len(element) * segment.target.numel != segment.length:
+        return None  # an inconsistent plan: let transform() refuse it
+    return element
+
+
+def _repeat(element: bytes, lo: int, hi: int, chunk: int) -> Iterator[memoryview]:
+    """Bytes [lo, hi) of ``element`` repeated, in pieces of about ``chunk`` bytes."""
+    if not element:
+        return
+    block = memoryview(element * max(1, chunk // len(element)))
+    position = lo
+    while position < hi:
+        offset = position % len(element)
+        piece = block[offset : offset + min(hi - position, len(block) - offset)]
+        position += len(piece)
+        yield piece
 
 
 def _fetch_metadata(version: Version, plan: Plan) -> dict[str, str]:
@@ -195,6 +285,8 @@ def iter_layout(
                 yield segment.data[lo:hi]
             elif isinstance(segment, StoredRange):
                 yield from reader.chunks(segment.start + lo, segment.start + hi, run_end)
+            elif (element := _constant_element(segment)) is not None:
+                yield from _repeat(element, lo, hi, chunk)
             else:
                 yield transform(segment, reader, run_end)[lo:hi]
             metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
@@ -342,7 +434,9 @@ def prepare_fetch(
     if_range: str | None,
 ) -> FetchResult:
     """Plan, refuse what the policy forbids, lay out the body and resolve the range."""
-    version, plan = plan_version(session=session, name=name, ref=ref, target=target, policy=policy)
+    version, plan = plan_version(
+        session=session, name=name, ref=ref, target=target, policy=policy, settings=settings
+    )
     if plan.verdict == "incompatible":
         raise Incompatible(
             "the checkpoint cannot be fitted to the target under this policy: "
@@ -376,19 +470,26 @@ def search_compatible(
     limit: int,
     pool: int = 200,
     readable: Sequence[Scope] | None = None,
+    settings: Settings | None = None,
 ) -> list[tuple[Version, Plan]]:
     """Stored versions ranked by how well they fit ``target``.
 
     Versions with the target's ``arch_fp`` or ``shape_fp`` are planned first (they are the
     likely matches); the rest of the pool are the most recent versions. Only versions of
-    models matching ``readable`` (None: every model) are considered.
+    models matching ``readable`` (None: every model) are considered. A version whose adapters
+    cross their limits (``adapter_limits``) is left out: its own plan and fetch say why.
     """
+    limits = adapter_limits(settings)
     candidates: Sequence[Version] = repo.candidate_versions(
         session, arch_fp=target.arch_fp, shape_fp=target.shape_fp, limit=pool, readable=readable
     )
     ranked = []
     for version in candidates:
-        plan = plan_for(session, version, target, policy)
+        try:
+            plan = plan_for(session, version, target, policy, limits)
+        except InvalidAdapter as exc:
+            log.info("search: version %s left out: %s", version.id, exc.message)
+            continue
         if plan.verdict != "incompatible":
             ranked.append((version, plan))
     ranked.sort(

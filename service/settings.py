@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     # 64 MiB: the target (a read token's choice) must not choose what the server builds and
     # sends. 8 lets every tensor be cast from a 1-byte to an 8-byte dtype.
     max_fetch_expansion: float = Field(default=8.0, ge=1.0)
-    # Rule evaluations that applying adapters may cost one plan or search (keys renamed by
-    # them are also held to max_key_length at every step).
-    max_adapter_steps: int = Field(default=1_000_000, gt=0)
+    # Rule evaluations that applying adapters may cost a plan, per key (checkpoint and target
+    # keys together; a real adapter takes 2-4). Renamed keys are also held to max_key_length
+    # at every step.
+    adapter_steps_per_key: int = Field(default=32, gt=0)
 
     # Size of the chunks streamed from the blob store to a response.
     stream_chunk_bytes: int = Field(default=8 * MiB, gt=0)

@@ -60,6 +60,7 @@ def plan(
         ref=ref,
         target=_target(body, settings),
         policy=body.policy.to_policy(),
+        settings=settings,
     )
     return PlanOut.of(version, result)
 
@@ -117,7 +118,7 @@ def fetch(
         headers["X-Statehub-Body-Digest"] = result.version.digest
         if _whole_stored_blob(result) and (url := _presigned(blobs, settings, headers)):
             return _see_other(url, headers, route="fetch")
-    cacheable = settings.fit_cache and layout.mode in fit_cache.CACHEABLE_MODES
+    cacheable = fit_cache.cacheable(layout, settings)
     if cacheable:
         entry = fit_cache.lookup(
             session, etag=layout.etag, version_id=result.version.id, size=layout.length
@@ -259,6 +260,7 @@ def search_compatible(
         target=_target(body, settings),
         policy=body.policy.to_policy(),
         limit=body.limit,
+        settings=settings,
     )
     hits = []
     for version, result in ranked:

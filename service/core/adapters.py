@@ -13,10 +13,16 @@ Patterns are full matches, compiled with RE2: matching runs in linear time, so a
 as ``(a+)+$`` cannot make the server backtrack for ever. Replacements use Python's syntax,
 ``\\1`` or ``\\g<name>``; we expand them ourselves (RE2's Python binding would pass the
 literal parts through ``unicode_escape``). Nothing here touches torch or I/O.
+
+Applying adapters is bounded (``AdapterBudget``): every key a rule produces is at most
+``max_key_length`` characters, checked at each step (a rename to ``\\1\\1...`` would
+otherwise grow keys geometrically, rule after rule), and all the rule evaluations of one
+request together cost at most ``max_steps``. Either bound crossed is InvalidAdapter.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,6 +43,15 @@ from service.errors import InvalidAdapter
 
 MAX_RULES = 1000
 MAX_PATTERN = 1000
+# The work of applying adapters, in steps: one rule evaluation (an RE2 set match, a pattern
+# match, a rewrite) is one step, plus one per 64 characters of key (and of matches) it reads.
+# A real adapter costs 2-4 steps per key (a match, a rewrite, a match of the new name), one
+# per target key for its op rules; a plan may take 32 per key (checkpoint and target keys
+# together) plus BASE_STEPS, so the work is linear in the keys, whatever the rules.
+DEFAULT_STEPS_PER_KEY = 32
+DEFAULT_MAX_KEY_LENGTH = 1024
+BASE_STEPS = 10_000
+_STEP_CHARS = 64
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # errors are reported to the user, not to the server's stderr
@@ -102,6 +117,50 @@ def parse_template(template: str) -> list[_Piece]:
     if text:
         pieces.append(("text", "".join(text)))
     return pieces
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    """Bounds on applying adapters (from the settings): keys no longer than
+    ``max_key_length`` at any step, ``steps_per_key`` rule evaluations per key."""
+
+    max_key_length: int = DEFAULT_MAX_KEY_LENGTH
+    steps_per_key: int = DEFAULT_STEPS_PER_KEY
+
+    def budget(self, keys: int) -> AdapterBudget:
+        """The budget of one plan over ``keys`` keys (checkpoint and target together)."""
+        return AdapterBudget(self.max_key_length, BASE_STEPS + self.steps_per_key * keys)
+
+
+@dataclass
+class AdapterBudget:
+    """What applying adapters may still cost one plan; crossing it is InvalidAdapter."""
+
+    max_key_length: int = DEFAULT_MAX_KEY_LENGTH
+    max_steps: int = BASE_STEPS + DEFAULT_STEPS_PER_KEY * 200_000
+    steps: int = 0
+
+    def charge(self, chars: int = 0) -> None:
+        self.steps += 1 + chars // _STEP_CHARS
+        if self.steps > self.max_steps:
+            raise InvalidAdapter(
+                f"applying the adapters takes more than {self.max_steps} rule evaluations "
+                f"for these keys (STATEHUB_ADAPTER_STEPS_PER_KEY per key): refused; scope "
+                "the adapter, or give it fewer rules that match every key",
+                detail={"limit": "adapter_steps_per_key", "max_steps": self.max_steps},
+            )
+
+    def check_key(self, key: str, original: str, rule: str) -> None:
+        if len(key) > self.max_key_length:
+            raise InvalidAdapter(
+                f"{rule} renames '{_clip(original)}' to a key of {len(key)} characters, over "
+                f"the limit of {self.max_key_length} (STATEHUB_MAX_KEY_LENGTH): refused",
+                detail={"limit": "max_key_length", "max_key_length": self.max_key_length},
+            )
+
+
+def _clip(key: str, keep: int = 80) -> str:
+    return key if len(key) <= keep else f"{key[:keep]}... ({len(key)} characters)"
 
 
 class _Frozen(BaseModel):
@@ -281,14 +340,17 @@ class _PatternSet:
         except re2.error:
             self.set = None  # too big for one automaton: fall back to one pattern at a time
 
-    def candidates(self, key: str) -> list[int] | None:
+    def candidates(self, key: str, budget: AdapterBudget | None = None) -> list[int] | None:
         """Indices (as given) of the patterns that match ``key``, ascending; None when the
         set could not be built and the caller must try each pattern itself."""
         if not self.indices:
             return []
         if self.set is None:
             return None
-        return sorted(self.indices[i] for i in self.set.Match(key) or ())
+        found = sorted(self.indices[i] for i in self.set.Match(key) or ())
+        if budget is not None:
+            budget.charge(len(key) + len(found))
+        return found
 
 
 class AdapterSpec(_Frozen):
@@ -324,51 +386,84 @@ class AdapterSpec(_Frozen):
     def has_op_rules(self) -> bool:
         return bool(self.op_rules)
 
-    def matching_op_rules(self, target_key: str) -> list[tuple[int, OpRule]]:
+    def matching_op_rules(
+        self, target_key: str, budget: AdapterBudget | None = None
+    ) -> list[tuple[int, OpRule]]:
         """(rule index, rule) of the op rules whose ``key`` matches ``target_key``."""
-        found = self._op_set.candidates(target_key)
+        found = self._op_set.candidates(target_key, budget)
         if found is None:
-            return [(i, rule) for i, rule in self.op_rules if rule.matches(target_key)]
+            matching = []
+            for i, rule in self.op_rules:
+                if budget is not None:
+                    budget.charge(len(target_key))
+                if rule.matches(target_key):
+                    matching.append((i, rule))
+            return matching
         return [(i, self.rules[i]) for i in found]  # type: ignore[misc]
 
     def op_rules_for(self, target_key: str) -> list[dict[str, Any]]:
         """The ops this adapter attaches to ``target_key``, in rule order."""
         return [rule.op for _, rule in self.matching_op_rules(target_key)]
 
-    def rewrite_key(self, key: str) -> tuple[str | None, list[int]]:
+    def rewrite_key(
+        self, key: str, budget: AdapterBudget | None = None
+    ) -> tuple[str | None, list[int]]:
         """Run the rename, drop and prefix rules over one key, in rule order, each on the
         key as the earlier rules left it. Returns the new key (None when a drop rule matched)
-        and the indices of the rules that changed or dropped it."""
+        and the indices of the rules that changed or dropped it.
+
+        Rules are visited forward only: the patterns are matched again only when a rule
+        changed the key, so an adapter of many rules that leave a key as it is costs one
+        set match per key, not one per rule."""
+        budget = budget if budget is not None else AdapterBudget()
+        original = key
         applied: list[int] = []
         start = 0
-        while (index := self._next_key_rule(key, start)) is not None:
+        candidates = self._key_set.candidates(key, budget)
+        while (index := self._next_key_rule(key, start, candidates, budget)) is not None:
             rule = self.rules[index]
             start = index + 1
             if isinstance(rule, DropRule):
                 return None, [*applied, index]
             assert isinstance(rule, RenameRule | PrefixRule)
+            budget.charge(len(key))
             new = rule.rewrite(key)
             if new is not None and new != key:
+                budget.check_key(new, original, f"rule {index} ({rule.describe()})")
                 key = new
                 applied.append(index)
+                candidates = self._key_set.candidates(key, budget)
         return key, applied
 
-    def _next_key_rule(self, key: str, start: int) -> int | None:
-        """The first key rule at or after ``start`` that applies to ``key``."""
-        candidates = self._key_set.candidates(key)
+    def _next_key_rule(
+        self, key: str, start: int, candidates: list[int] | None, budget: AdapterBudget
+    ) -> int | None:
+        """The first key rule at or after ``start`` that applies to ``key``; ``candidates``
+        are the rename and drop rules matching ``key`` (None: try each pattern in turn)."""
         if candidates is None:
-            candidates = [
-                i
-                for i, r in enumerate(self.rules)
-                if isinstance(r, RenameRule | DropRule) and i >= start and r.regex.fullmatch(key)
-            ]
-        first = next((i for i in candidates if i >= start), None)
-        for i, rule in self._prefix_rules:
+            first = None
+            for i in range(start, len(self.rules)):
+                rule = self.rules[i]
+                if isinstance(rule, RenameRule | DropRule):
+                    budget.charge(len(key))
+                    if rule.regex.fullmatch(key):
+                        first = i
+                        break
+        else:
+            found = bisect.bisect_left(candidates, start)
+            first = candidates[found] if found < len(candidates) else None
+        prefixes = self._prefix_rules
+        for position in range(bisect.bisect_left(self._prefix_indices, start), len(prefixes)):
+            i, rule = prefixes[position]
             if first is not None and i > first:
                 break
-            if i >= start and (not rule.strip or key.startswith(rule.strip)):
+            if not rule.strip or key.startswith(rule.strip):
                 return i
         return first
+
+    @cached_property
+    def _prefix_indices(self) -> list[int]:
+        return [i for i, _ in self._prefix_rules]
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -426,11 +521,16 @@ def _rule_label(meta: Mapping[str, Any], spec: AdapterSpec, index: int) -> str:
 
 
 def apply_key_rules(
-    adapters: Sequence[tuple[Mapping[str, Any], AdapterSpec]], source_keys: Sequence[str]
+    adapters: Sequence[tuple[Mapping[str, Any], AdapterSpec]],
+    source_keys: Sequence[str],
+    budget: AdapterBudget | None = None,
 ) -> AdapterApplication:
     """Run every rename, drop and prefix rule, adapter by adapter and rule by rule, over each
     key. Conflicts are reported in ``errors`` (the first key in input order keeps the name;
-    the others are left out), never raised: they make the plan incompatible, with a reason."""
+    the others are left out), never raised: they make the plan incompatible, with a reason.
+    A key grown past ``budget.max_key_length`` or work past ``budget.max_steps`` raises
+    InvalidAdapter: that is the adapter's fault, not a property of this checkpoint."""
+    budget = budget if budget is not None else AdapterBudget()
     result = AdapterApplication()
     applied: set[int] = set()
     owner: dict[str, str] = {}  # final name -> first original key that took it
@@ -439,7 +539,12 @@ def apply_key_rules(
         notes: list[str] = []
         for a, (meta, spec) in enumerate(adapters):
             assert name is not None
-            name, indices = spec.rewrite_key(name)
+            try:
+                name, indices = spec.rewrite_key(name, budget)
+            except InvalidAdapter as exc:
+                raise InvalidAdapter(
+                    f"adapter {adapter_label(meta, spec)}: {exc.message}", detail=exc.detail
+                ) from None
             notes += [_rule_label(meta, spec, i) for i in indices]
             if indices:
                 applied.add(a)
@@ -471,12 +576,14 @@ class OpMatch:
 
 
 def match_op_rules(
-    adapters: Sequence[tuple[Mapping[str, Any], AdapterSpec]], target_key: str
+    adapters: Sequence[tuple[Mapping[str, Any], AdapterSpec]],
+    target_key: str,
+    budget: AdapterBudget | None = None,
 ) -> list[OpMatch]:
     """The op rules of every adapter that match ``target_key``, adapter by adapter."""
     return [
         OpMatch(a, r, rule.op, f"adapter {adapter_label(meta, spec)} rule {r}: {rule.describe()}")
         for a, (meta, spec) in enumerate(adapters)
         if spec.has_op_rules
-        for r, rule in spec.matching_op_rules(target_key)
+        for r, rule in spec.matching_op_rules(target_key, budget)
     ]

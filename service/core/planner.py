@@ -30,7 +30,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.core.adapters import AdapterSpec, adapter_label, apply_key_rules, match_op_rules
+from service.core.adapters import (
+    AdapterBudget,
+    AdapterLimits,
+    AdapterSpec,
+    adapter_label,
+    apply_key_rules,
+    match_op_rules,
+)
 from service.core.ops import (
     OpError,
     adapt_in_channels_op,
@@ -60,6 +67,13 @@ MAX_GUESSED_PREFIX_TOKENS = 8
 # which prefix maps to which (think "weight" [64]); only this many top candidates are scored.
 MAX_BUCKET = 4
 MAX_CANDIDATES = 4
+# Stage 8 fills num_batches_tracked only when it is this small: torch registers it as a
+# 0-d int64 tensor (some ports use shape [1]). Anything larger is the target's own choice.
+MAX_BUFFER_FILL_ELEMENTS = 1
+# Prefix search: suffixes of at most this many components besides the whole key (real keys
+# have about 4-12, e.g. diffusers' "down_blocks.0.attentions.0.transformer_blocks.0.attn1
+# .to_q.weight" has 9); a deeper key still matches, under a longer prefix.
+MAX_SUFFIX_DEPTH = 32
 # Lists of keys inside one message are cut after this many names.
 MAX_NAMES_IN_MESSAGE = 10
 
@@ -73,20 +87,24 @@ def plan(
     *,
     policy: Policy = Policy(),
     adapters: Sequence[AdapterInput] = (),
+    limits: AdapterLimits = AdapterLimits(),
 ) -> Plan:
     """Plan how to fill ``target`` from a checkpoint whose spec is ``source``.
 
     ``adapters`` are the applicable adapters with what the plan records for each (e.g.
     ``{"name": ..., "version": ...}``); their order does not matter: they run sorted by name
     and version. Raises InvalidSpec for specs that cannot be planned (duplicate keys, unknown
-    dtypes, inconsistent tie groups); everything else, however incompatible, is a Plan.
+    dtypes, inconsistent tie groups), and InvalidAdapter when applying the adapters crosses
+    ``limits`` (a key grown too long, too many rule evaluations for the number of keys);
+    everything else, however incompatible, is a Plan.
     """
     check_spec(source, "source")
     check_spec(target, "target")
     aliases = _source_aliases(source)
     groups = _target_tie_groups(target)
     ordered = sorted(adapters, key=_adapter_order)
-    return _Planner(source, target, policy, ordered, aliases, groups).run()
+    budget = limits.budget(len(source.tensors) + len(aliases) + len(target.tensors))
+    return _Planner(source, target, policy, ordered, aliases, groups, budget).run()
 
 
 def _adapter_order(adapter: AdapterInput) -> tuple[str, int, str]:
@@ -203,11 +221,15 @@ def _module(key: str) -> str:
 
 
 def _dot_cuts(key: str) -> list[int]:
-    """Positions where a dot-boundary suffix starts: 0, and after every '.'."""
-    cuts = [0]
-    for part in key.split(".")[:-1]:
-        cuts.append(cuts[-1] + len(part) + 1)
-    return cuts
+    """Positions where a dot-boundary suffix starts: 0, and after each of the last
+    MAX_SUFFIX_DEPTH dots. Every suffix is hashed, so all of them would cost quadratic time
+    in a key's depth (a key of 500 one-letter parts: 250 KB hashed)."""
+    cuts: list[int] = []
+    end = len(key)
+    while len(cuts) < MAX_SUFFIX_DEPTH and (dot := key.rfind(".", 0, end)) >= 0:
+        cuts.append(dot + 1)
+        end = dot
+    return [0, *reversed(cuts)]
 
 
 def _normalized(key: str) -> str:
@@ -242,8 +264,10 @@ class _Planner:
         adapters: Sequence[AdapterInput],
         aliases: dict[str, str],
         groups: list[tuple[str, ...]],
+        budget: AdapterBudget,
     ) -> None:
         self.source, self.target, self.policy = source, target, policy
+        self.budget = budget
         self.adapters, self.groups = adapters, groups
         self.allowed_ops = frozenset(policy.allow_ops)
         self.target_index = {key: i for i, key in enumerate(target.keys)}
@@ -327,7 +351,7 @@ class _Planner:
         self.rewrite_source_keys()
         used_rules: set[tuple[int, int]] = set()
         for key in list(self.open):
-            matches = match_op_rules(self.adapters, key)
+            matches = match_op_rules(self.adapters, key, self.budget)
             if matches:
                 # Copies: a plan must never share (and so let callers mutate) an adapter's ops.
                 ops_and_labels = [(copy.deepcopy(m.op), m.label) for m in matches]
@@ -351,7 +375,7 @@ class _Planner:
                     )
 
     def rewrite_source_keys(self) -> None:
-        result = apply_key_rules(self.adapters, list(self.pool))
+        result = apply_key_rules(self.adapters, list(self.pool), self.budget)
         self.reasons.extend(result.errors)
         self.used_adapters.update(result.applied)
         pool: dict[str, _Source] = {}
@@ -756,6 +780,15 @@ class _Planner:
             return  # the model's own counter is as good: leave it to stage 9
         for key in [k for k in self.open if _last(k) == "num_batches_tracked"]:
             target = self.target[key]
+            if target.numel > MAX_BUFFER_FILL_ELEMENTS:
+                # Not a BatchNorm counter: the target alone would choose what the server
+                # builds and sends. Left to stage 9 (the model keeps its own), and said so.
+                self.warnings.append(
+                    f"'{key}' {_shape_text(target.shape)} is not filled: a BatchNorm "
+                    f"num_batches_tracked is a scalar (at most {MAX_BUFFER_FILL_ELEMENTS} "
+                    "element is filled); the model keeps its own"
+                )
+                continue
             self.take(key)
             self.entries[key] = Entry(
                 key,

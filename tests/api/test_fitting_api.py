@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
@@ -188,13 +187,20 @@ def test_adapter_versions_scopes_and_deletion(hub: Client, server: ServerProcess
 def test_search_compatible_ranks_by_fit(hub: Client, server: ServerProcess, ns: str) -> None:
     seeded(2)
     exact = TinyResNet(num_classes=7)
-    hub.push(f"{ns}/exact", exact.state_dict())
-    hub.push(f"{ns}/wrapped", {f"module.{k}": v for k, v in exact.state_dict().items()})
-    hub.push(f"{ns}/other-head", TinyResNet(num_classes=100).state_dict())
+    pushed = {
+        "exact": hub.push(f"{ns}/exact", exact.state_dict()),
+        "wrapped": hub.push(
+            f"{ns}/wrapped", {f"module.{k}": v for k, v in exact.state_dict().items()}
+        ),
+        "other-head": hub.push(f"{ns}/other-head", TinyResNet(num_classes=100).state_dict()),
+    }
     hub.push(f"{ns}/unrelated", {"embedding.weight": torch.zeros(4, 4)})
     hits = hub.find_compatible(TinyResNet(num_classes=7), limit=50)
     mine = [h for h in hits if h["model"].startswith(f"{ns}/")]
-    assert [h["model"] for h in mine] == [f"{ns}/exact", f"{ns}/wrapped", f"{ns}/other-head"]
+    assert [h["model"] for h in mine] == [f"{ns}/{name}" for name in pushed]
     assert [h["verdict"] for h in mine] == ["exact", "adapted", "partial"]
+    # Each hit names the version it ranks, as a ref the client can fetch.
+    for hit, (name, version) in zip(mine, pushed.items(), strict=True):
+        assert hit["ref"] == f"{ns}/{name}:1" and hit["version"] == 1
+        assert hit["digest"] == version.digest
     assert mine[2]["coverage"]["keys"]["kept"] == 2
-    assert json.dumps(hits)  # plain JSON
