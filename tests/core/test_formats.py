@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -14,6 +13,7 @@ from service.core.names import ModelName, VersionRef, parse_ref
 from service.core.safetensors_format import Limits, build_header, parse_header, read_header_length
 from service.core.spec import ArchSpec, TensorSpec, validate_spec
 from service.errors import InvalidCheckpoint, InvalidName, InvalidRef, InvalidSpec, TooLarge
+from statehub import _tensors as client_tensors
 
 LIMITS = Limits()
 
@@ -107,20 +107,48 @@ def test_duplicate_keys_and_bounds() -> None:
         read_header_length(b"hello wo", file_size=100, limits=LIMITS)
 
 
-def test_fingerprints_follow_the_design() -> None:
-    spec = ArchSpec.of(
-        [("fc.weight", [10, 4], "F32"), ("a.scale", [], "F16"), ("fc.bias", [10], "F32")]
-    )
-    lines = "a.scale\t\nfc.bias\t10\nfc.weight\t10,4\n"
-    assert spec.arch_fp == hashlib.sha256(lines.encode()).hexdigest()
-    assert spec.shape_fp == hashlib.sha256(b"\n10\n10,4\n").hexdigest()
-    half = ArchSpec.of(
-        [("fc.weight", [10, 4], "F16"), ("fc.bias", [10], "BF16"), ("a.scale", [], "F32")]
-    )
-    assert half.arch_fp == spec.arch_fp, "dtype is not part of the architecture"
+# Golden fingerprints, written down once from DESIGN section 4 with coreutils, never with the
+# code under test: printf 'a.scale\t\nfc.bias\t10\nfc.weight\t10,4\n' | sha256sum, etc.
+# A change of the formula (separator, order, dtype included, scalar spelling) breaks them, and
+# with them every stored arch_fp and every adapter scoped by one.
+SMALL = [("fc.weight", [10, 4], "F32"), ("a.scale", [], "F16"), ("fc.bias", [10], "F32")]
+SMALL_ARCH_FP = "f305115888d6cef161ebb1d4ba7832fbff1a0d8ea153e81a2c6bf88d1b9ba828"
+SMALL_SHAPE_FP = "439401c9edbeed57952476fb7d18ec8a31420fbeb3b6d17d164cfa4320293e57"
+TIED = [("wte.weight", [32, 8], "F32"), ("lm_head.weight", [32, 8], "F32")]
+TIED_ARCH_FP = "00219e8f8f6774f9342e442863b89e9ec0ba75721822d8fef999e3c4d28c5555"
+TIED_SHAPE_FP = "50f0db8e785249bea477bdfffdb17d6899852c526aaea47fa9285686bfce5cf7"
+
+
+def test_fingerprints_are_the_golden_digests_of_the_design() -> None:
+    spec = ArchSpec.of(SMALL)
+    assert (spec.arch_fp, spec.shape_fp) == (SMALL_ARCH_FP, SMALL_SHAPE_FP)
+    tied = ArchSpec.of(TIED, [["wte.weight", "lm_head.weight"]])
+    assert (tied.arch_fp, tied.shape_fp) == (TIED_ARCH_FP, TIED_SHAPE_FP)
+    assert ArchSpec.of(TIED).arch_fp == TIED_ARCH_FP, "tie groups are not part of it"
+    half = ArchSpec.of([(k, s, "BF16") for k, s, _ in reversed(SMALL)])
+    assert half.arch_fp == SMALL_ARCH_FP, "neither dtype nor order is part of the architecture"
     renamed = ArchSpec.of([("w", [10, 4], "F32"), ("s", [], "F32"), ("b", [10], "F32")])
-    assert renamed.shape_fp == spec.shape_fp and renamed.arch_fp != spec.arch_fp
+    assert renamed.shape_fp == SMALL_SHAPE_FP and renamed.arch_fp != SMALL_ARCH_FP
     assert spec.param_count == 51
+
+
+def test_the_client_computes_the_same_golden_fingerprints() -> None:
+    """A target's fingerprint is computed on both sides (the client's `inspect`, the server's
+    search): both must give the digests above, from a real module with a tied weight."""
+    module = torch.nn.Module()
+    module.wte = torch.nn.Embedding(32, 8)
+    module.lm_head = torch.nn.Linear(8, 32, bias=False)
+    module.lm_head.weight = module.wte.weight  # tied, as GPT-2 does
+    spec = client_tensors.spec_of(module)
+    assert spec["tie_groups"] == [["wte.weight", "lm_head.weight"]]
+    assert client_tensors.arch_fp(spec) == TIED_ARCH_FP
+    assert client_tensors.shape_fp(spec) == TIED_SHAPE_FP
+    assert ArchSpec.from_json(spec).arch_fp == TIED_ARCH_FP
+    small = {"tensors": [{"key": k, "shape": s, "dtype": d} for k, s, d in SMALL]}
+    assert (client_tensors.arch_fp(small), client_tensors.shape_fp(small)) == (
+        SMALL_ARCH_FP,
+        SMALL_SHAPE_FP,
+    )
 
 
 def test_validate_spec() -> None:
