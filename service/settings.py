@@ -161,7 +161,10 @@ class Settings(BaseSettings):
 
     @property
     def effective_public_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        if self.public_url:
+            return self.public_url
+        host = "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def uses_s3(self) -> bool:

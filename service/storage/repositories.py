@@ -97,6 +97,8 @@ def list_models(
     offset: int,
     readable: Sequence[Scope] | None = None,
 ) -> tuple[list[Model], int]:
+    if any("\x00" in f for f in (query, namespace, tag, arch_fp) if f):
+        return [], 0  # no stored string holds NUL, and PostgreSQL would refuse the query
     statement = select(Model).where(Model.deleted_at.is_(None), visible_models(readable))
     if query:
         pattern = f"%{query.lower()}%"

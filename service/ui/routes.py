@@ -184,6 +184,7 @@ def models_page(
     tag: str = Query(default="", max_length=96),
     page: int = Query(default=1, ge=1, le=10**6),
 ) -> HTMLResponse:
+    _no_nul(q=q, namespace=namespace, tag=tag)
     models, total = repo.list_models(
         session,
         query=q or None,
@@ -208,13 +209,24 @@ def models_page(
     )
 
 
+def _no_nul(**params: str) -> None:
+    """PostgreSQL refuses NUL in text (a 500 if it got there); no stored string has one."""
+    for key, value in params.items():
+        if "\x00" in value:
+            raise InvalidRequest(f"{key} must not contain NUL characters")
+
+
 def _latest(model: Model) -> Version | None:
     return next((a.version for a in model.aliases if a.name == LATEST), None)
 
 
 @router.get("/models/{namespace}/{name}", response_class=HTMLResponse)
 def model_page(
-    request: Request, name: ModelNameDep, session: SessionDep, caller: PrincipalDep
+    request: Request,
+    name: ModelNameDep,
+    session: SessionDep,
+    caller: PrincipalDep,
+    settings: SettingsDep,
 ) -> HTMLResponse:
     caller.require("read", name)
     model = repo.get_model(session, name)
@@ -230,12 +242,10 @@ def model_page(
         aliases=aliases,
         summaries={v.id: views.ingest_summary(v.ingest or {}) for v in versions},
         snippet_ref=f"{name}@prod" if "prod" in named else str(name),
-        base_url=_base_url(request),
+        # The configured address, never the request's Host header (which anyone can set,
+        # and a cache or a pasted snippet would carry to others).
+        base_url=settings.effective_public_url,
     )
-
-
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
 
 
 # -- versions ---------------------------------------------------------------------------
@@ -535,9 +545,9 @@ def _token_hint(request: Request) -> str:
 
 
 @router.post("/login")
-async def login_submit(request: Request) -> Response:
+async def login_submit(request: Request, settings: SettingsDep) -> Response:
     """Keep a pasted token in an HttpOnly, SameSite=Strict cookie (or forget it)."""
-    _same_origin(request)
+    _same_origin(request, settings)
     async with request.form(max_files=0, max_fields=8) as form:
         token = str(form.get("token", "")).strip()
         forget = form.get("action") == "forget"
@@ -553,20 +563,30 @@ async def login_submit(request: Request) -> Response:
         token,
         max_age=30 * 24 * 3600,
         path=f"{root}/ui",
-        secure=request.url.scheme == "https",
+        secure=request.url.scheme == "https" or settings.public_url.startswith("https:"),
         httponly=True,
         samesite="strict",
     )
     return response
 
 
-def _same_origin(request: Request) -> None:
+def _same_origin(request: Request, settings: Settings) -> None:
     """Refuse a login posted from another site (it would sign the reader in as someone
-    else); browsers send Origin with every POST."""
-    origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return
-    if urlsplit(origin).netloc != request.headers.get("host", ""):
+    else). Browsers send Origin with every form POST, so a missing one, or ``null`` (a
+    sandboxed frame, a ``data:`` page, a redirect across sites), is refused too. Accepted:
+    the origin the browser addressed (its Host header, which a page on another site cannot
+    set) or the configured public URL's (behind a proxy that rewrites Host)."""
+    origin = request.headers.get("origin", "")
+    parts = urlsplit(origin)
+    public = urlsplit(settings.public_url)
+    same_host = bool(parts.netloc) and parts.netloc == request.headers.get("host", "")
+    same_public = bool(settings.public_url) and (parts.scheme, parts.netloc) == (
+        public.scheme,
+        public.netloc,
+    )
+    if not origin or origin == "null" or parts.scheme not in ("http", "https"):
+        raise Forbidden("the login form must be posted from this site (no usable Origin header)")
+    if not (same_host or same_public):
         raise Forbidden("the login form was posted from another site")
 
 

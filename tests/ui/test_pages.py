@@ -225,7 +225,8 @@ def test_hostile_names_are_escaped_and_script_is_refused(reg: Registry) -> None:
 
 
 def test_login_keeps_the_token_in_a_strict_httponly_cookie(reg: Registry) -> None:
-    with httpx.Client(base_url=reg.url, timeout=30) as browser:
+    # Origin as a browser sends it with a form POST (a login without one is refused).
+    with httpx.Client(base_url=reg.url, headers={"Origin": reg.url}, timeout=30) as browser:
         kept = browser.post("/ui/login", data={"token": "shb_pasted-token-123", "action": "keep"})
         assert kept.status_code == 303
         cookie = kept.headers["set-cookie"]
@@ -269,7 +270,7 @@ def test_pages_are_read_with_the_cookie_token(closed: Registry) -> None:
         headers={"Authorization": f"Bearer {ROOT_TOKEN}"},
         timeout=30,
     ).json()["token"]
-    with httpx.Client(base_url=closed.url, timeout=30) as browser:
+    with httpx.Client(base_url=closed.url, headers={"Origin": closed.url}, timeout=30) as browser:
         browser.post("/ui/login", data={"token": reader, "action": "keep"})
         assert browser.get("/ui/models/team/net").status_code == 200
         listed = text(browser.get("/ui").text)
