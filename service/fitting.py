@@ -228,7 +228,9 @@ def _repeat(element: bytes, lo: int, hi: int, chunk: int) -> Iterator[memoryview
     """Bytes [lo, hi) of ``element`` repeated, in pieces of about ``chunk`` bytes."""
     if not element:
         return
-    block = memoryview(element * max(1, chunk // len(element)))
+    # No bigger than the range needs: a scalar fill must not allocate a whole chunk.
+    count = max(1, min(chunk, hi - lo + len(element)) // len(element))
+    block = memoryview(element * count)
     position = lo
     while position < hi:
         offset = position % len(element)

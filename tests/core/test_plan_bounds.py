@@ -150,6 +150,8 @@ def test_a_fill_streams_the_bytes_it_would_have_built(element: bytes, lo: int, h
     pieces = list(_repeat(element, lo, hi, chunk=16))
     assert b"".join(pieces) == whole[lo:hi]
     assert all(len(p) <= 16 for p in pieces)
+    # The repeated block is sized by the range, so a scalar fill never allocates a chunk.
+    assert all(len(p.obj) <= max(16, hi - lo + len(element)) for p in pieces)  # type: ignore[arg-type]
 
 
 def test_synthesized_bytes_count_fills_and_padded_rows() -> None:
