@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import torch
 
 from service.core import ops
+from service.core.planner import WRAPPERS
 from service.core.safetensors_format import (
     Limits,
     SafetensorsHeader,
@@ -70,7 +71,7 @@ from service.core.unpickle import RestrictedUnpickler, TensorRef
 from service.errors import InvalidCheckpoint, StatehubError, TooLarge, UnsafePickle
 from service.storage.spool import Spooled
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = tuple(f"{wrapper}." for wrapper in WRAPPERS)  # the planner's, as prefixes
 MAX_REPORTED_NAMES = 200
 COPY_CHUNK = 8 * 1024 * 1024
 

@@ -35,10 +35,38 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-# Where training snapshots keep the weights, in the order the server looks (see ingest).
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
-EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
-OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "lr_scheduler", "scheduler")
+# Tables the server holds too (service/core/snapshot.py, service/core/planner.py, spec.py):
+# tests/test_parity.py fails when the two drift apart.
+# Where training snapshots keep the weights, in the order the server looks.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "network",
+    "module",
+    "model_state",
+    "weights",
+    "params",
+)
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema", "ema_model", "model_ema_state")
+# Training state beside the weights: never taken for them, dropped on push.
+OPTIMIZER_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizer_state_dict",
+        "optimizers",
+        "optimizer_states",
+        "optim",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "schedulers",
+        "scaler",
+        "grad_scaler",
+        "amp",
+    }
+)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -147,15 +175,33 @@ def extract_state_dict(
         return dict(loaded), None
     if not isinstance(loaded, Mapping):
         return None, None
-    order = (*EMA_KEYS, *STATE_DICT_KEYS) if ema else (*STATE_DICT_KEYS, *EMA_KEYS)
+    order = EMA_KEYS if ema else (*STATE_DICT_KEYS, *EMA_KEYS)
     for key in order:
-        value = loaded.get(key)
-        if is_state_dict(value):
-            return dict(value), key
-        inner = value.get("state_dict") if isinstance(value, Mapping) else None
-        if is_state_dict(inner):
-            return dict(inner), f"{key}.state_dict"
-    return None, None
+        if (found := _state_dict_under(loaded, key)) is not None:
+            return found
+    if ema:
+        return None, None
+    # Weights under one key statehub does not know (and not training state) are taken too.
+    others = [
+        found
+        for key in loaded
+        if key not in OPTIMIZER_KEYS and (found := _state_dict_under(loaded, key)) is not None
+    ]
+    return others[0] if len(others) == 1 else (None, None)
+
+
+def _state_dict_under(
+    loaded: Mapping[Any, Any], key: Any
+) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The state_dict at ``loaded[key]``, or one level down under a known key."""
+    value = loaded.get(key)
+    if is_state_dict(value):
+        return dict(value), str(key)
+    if isinstance(value, Mapping):
+        for sub in (*STATE_DICT_KEYS, *EMA_KEYS):
+            if is_state_dict(inner := value.get(sub)):
+                return dict(inner), f"{key}.{sub}"
+    return None
 
 
 def wrapper_prefixes(keys: Iterable[str]) -> list[str]:
