@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,12 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
 from service.api import adapters, admin, fitting, models, tensors, tokens
 from service.api.bodies import takes_raw_body
-from service.errors import StatehubError, StorageError, TooLarge
+from service.errors import ClientDisconnected, StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
 from service.storage import db as database
@@ -120,7 +122,17 @@ def error_response(
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="statehub"'
     body = {"error": {"code": code, "message": message, "detail": detail}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
+
+
+class ErrorJSONResponse(JSONResponse):
+    """An error body, ASCII-escaped: a message or detail may echo what the client sent
+    (an unpaired surrogate too), and rendering it must never fail."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -131,6 +143,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
         return error_response(request, exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client's doing, not the server's: no traceback, counted as 499 (not a 5xx).
+        log.info(
+            "client disconnected before its request body was complete",
+            extra={"method": request.method, "path": request.url.path},
+        )
+        error = ClientDisconnected("the client closed the connection mid-request")
+        return error_response(request, error.status, error.code, error.message, {})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -146,6 +168,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__  # FastAPI answers 400 for whatever failed while reading a body
+        if isinstance(cause, StatehubError):
+            return await statehub_error(request, cause)
+        if isinstance(cause, ClientDisconnect):
+            return await client_disconnected(request, cause)
         code = HTTP_CODES.get(exc.status_code, "invalid_request")
         return error_response(request, exc.status_code, code, str(exc.detail), {})
 

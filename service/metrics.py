@@ -203,6 +203,10 @@ STORAGE_ERRORS = Counter(
     "Requests failed by the database or blob store, by error code.",
     labels=("code",),
 )
+AUDIT_WRITE_FAILURES = Counter(
+    "statehub_audit_write_failures_total",
+    "Denied requests whose audit event could not be written (the denial was answered anyway).",
+)
 
 ALL: tuple[_Metric, ...] = (
     HTTP_REQUESTS,
@@ -217,6 +221,7 @@ ALL: tuple[_Metric, ...] = (
     PLAN_VERDICTS,
     BYTES_PUSHED,
     STORAGE_ERRORS,
+    AUDIT_WRITE_FAILURES,
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -11,11 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Body, Response, status
 
 from service import registry
+from service.api.bodies import AuthFirstRoute
 from service.api.deps import PrincipalDep, SessionDep
 from service.api.schemas import AdapterOut
 from service.storage import repositories as repo
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=AuthFirstRoute)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AdapterOut)

@@ -7,10 +7,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from service import gc
+from service.api.bodies import AuthFirstRoute
 from service.api.deps import BlobStoreDep, DatabaseDep, PrincipalDep, SettingsDep
 from service.api.schemas import GcOut, GcRequest
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=AuthFirstRoute)
 
 
 class GcReportOut(GcOut):

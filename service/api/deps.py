@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service import metrics
 from service.auth import AccessControl
 from service.core.access import Action, Principal, Scope
+from service.core.jsondata import storable_text
 from service.core.names import ModelName, VersionRef
 from service.errors import StatehubError, Unauthorized
 from service.settings import Settings
@@ -111,11 +113,13 @@ def audit_denial(
     object_ref: str,
     action: Action | None,
 ) -> None:
+    # The path and the object come from the client (a %00 in the URL): recorded cleaned,
+    # so that the audit write itself cannot fail on them.
     detail = {
         "status": error.status,
         "code": error.code,
         "method": request.method,
-        "path": request.url.path[:300],
+        "path": storable_text(request.url.path, limit=300),
         "required": action,
         "request_id": getattr(request.state, "request_id", ""),
     }
@@ -126,21 +130,41 @@ def audit_denial(
                 actor=actor,
                 action="access.denied",
                 object_type=object_type,
-                object_ref=object_ref,
+                object_ref=storable_text(object_ref, limit=300),
                 detail=detail,
             )
-    except StatehubError as exc:  # the denial stands even if the audit log is unreachable
-        log.warning("cannot audit a denied request (%s): %s", detail, exc.message)
+    except Exception as exc:  # the denial stands whatever the audit write met
+        metrics.AUDIT_WRITE_FAILURES.inc()
+        message = exc.message if isinstance(exc, StatehubError) else repr(exc)[:500]
+        log.warning("cannot audit a denied request (%s): %s", detail, message)
+
+
+PRINCIPAL_STATE = "statehub_principal"
+
+
+def _authenticate(request: Request) -> Principal:
+    access: AccessControl = request.app.state.access
+    try:
+        return access.authenticate(request.headers.get("authorization"))
+    except Unauthorized as exc:
+        audit_denial(request, "unauthenticated", exc, "request", request.url.path, None)
+        raise
+
+
+async def authenticate_first(request: Request) -> None:
+    """Authenticate before the body is read (``service.api.bodies.AuthFirstRoute``): a
+    caller without a valid token gets its 401 without the server parsing a byte. The
+    principal is kept for ``get_principal``; the database is read in a worker thread."""
+    principal = await run_in_threadpool(_authenticate, request)
+    setattr(request.state, PRINCIPAL_STATE, principal)
 
 
 def get_principal(request: Request) -> Caller:
-    """Authenticates the request (401 ``unauthorized`` without a valid token)."""
-    access: AccessControl = request.app.state.access
-    try:
-        principal = access.authenticate(request.headers.get("authorization"))
-    except Unauthorized as exc:
-        audit_denial(request, "unauthenticated", exc, "request", request.url.path[:300], None)
-        raise
+    """Authenticates the request (401 ``unauthorized`` without a valid token), or takes the
+    principal ``authenticate_first`` found."""
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is None:
+        principal = _authenticate(request)
     return Caller(principal, request)
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from service import fit_cache, fitting, metrics
+from service.api.bodies import AuthFirstRoute
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -27,7 +28,7 @@ from service.storage.composed import version_bytes
 from service.storage.db import Database
 from service.storage.models import FitCacheEntry
 
-router = APIRouter(tags=["fitting"])
+router = APIRouter(tags=["fitting"], route_class=AuthFirstRoute)
 
 
 def _target(body: FitRequest, settings: Settings) -> ArchSpec:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
@@ -10,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from service import metrics, registry
-from service.api.bodies import raw_body
+from service.api.bodies import AuthFirstRoute, raw_body
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -22,16 +21,18 @@ from service.api.deps import (
     spool_request,
 )
 from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
+from service.core.jsondata import parse_metadata
 from service.core.names import ModelName, validate_alias, validate_segment
-from service.errors import InvalidRequest, StorageError
+from service.errors import StorageError
 from service.fitting import parse_range
 from service.integrity import CLIENT_VERIFIES, VerifiedBlob, client_verifies
 from service.storage import repositories as repo
 from service.storage.composed import version_bytes
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=AuthFirstRoute)
 
 MAX_METADATA_CHARS = 64 * 1024
+MAX_OFFSET = 2**31  # a database integer on both backends
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
@@ -57,7 +58,7 @@ def list_models(
     tag: str | None = Query(default=None, max_length=96),
     arch_fp: str | None = Query(default=None, pattern="^[0-9a-f]{64}$"),
     limit: int = Query(default=50, ge=1, le=500),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> ModelList:
     """Live models the caller may read (others are left out, never refused)."""
     if namespace is not None:
@@ -184,15 +185,9 @@ async def upload_version(
 
 
 def parse_metadata_param(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"metadata is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise InvalidRequest("metadata must be a JSON object")
-    return value
+    """The ``metadata`` query parameter, checked (depth, numbers, text) before the upload
+    is read, so that what is stored can always be served back."""
+    return parse_metadata(text) if text else {}
 
 
 @router.get("/{namespace}/{name}/versions", response_model=list[VersionOut])
@@ -312,7 +307,7 @@ def download_blob(
     )
 
 
-aliases_router = APIRouter(prefix="/v1/models", tags=["aliases"])
+aliases_router = APIRouter(prefix="/v1/models", tags=["aliases"], route_class=AuthFirstRoute)
 
 
 @aliases_router.get("/{namespace}/{name}/aliases", response_model=list[AliasOut])

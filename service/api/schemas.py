@@ -7,9 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core.jsondata import servable_metadata
 from service.core.plan import ALL_OPS, Plan, Policy
 from service.core.spec import ArchSpec
 from service.storage.models import Adapter, Model, Token, Version
+
+# Version numbers are at most 12 digits wherever a client names one (paths, refs, aliases).
+MAX_VERSION_NUMBER = 10**12
+# A gc grace period longer than this (a century) is a mistake, and would overflow a date.
+MAX_GRACE_S = 100 * 365 * 24 * 3600
 
 
 class ErrorBody(BaseModel):
@@ -81,7 +87,7 @@ class SearchRequest(FitRequest):
 
 class AliasSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION_NUMBER)
 
 
 class VersionOut(BaseModel):
@@ -130,7 +136,7 @@ class VersionOut(BaseModel):
             source_format=version.source_format,
             aliases=aliases,
             ingest=version.ingest,
-            metadata=version.user_metadata,
+            metadata=servable_metadata(version.user_metadata),
             created_by=version.created_by,
             created_at=version.created_at,
             spec=spec,
@@ -283,7 +289,9 @@ class TokenCreated(TokenOut):
 class GcRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dry_run: bool = False
-    grace_s: int | None = Field(default=None, ge=0, description="default: STATEHUB_GC_GRACE_S")
+    grace_s: int | None = Field(
+        default=None, ge=0, le=MAX_GRACE_S, description="default: STATEHUB_GC_GRACE_S"
+    )
 
 
 class GcOut(BaseModel):

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from service import dedup, registry
-from service.api.bodies import raw_body
+from service.api.bodies import AuthFirstRoute, raw_body
 from service.api.deps import (
     BlobStoreDep,
     DatabaseDep,
@@ -25,7 +25,7 @@ from service.api.models import MAX_METADATA_CHARS, parse_metadata_param
 from service.api.schemas import VersionOut
 from service.storage.blobs import validate_digest
 
-router = APIRouter(prefix="/v1/models", tags=["deduplication"])
+router = APIRouter(prefix="/v1/models", tags=["deduplication"], route_class=AuthFirstRoute)
 
 
 class MissingRequest(BaseModel):

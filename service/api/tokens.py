@@ -10,11 +10,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, status
 
 from service import auth
+from service.api.bodies import AuthFirstRoute
 from service.api.deps import Caller, PrincipalDep, SessionDep
 from service.api.schemas import TokenCreate, TokenCreated, TokenOut
 from service.errors import Forbidden, NotFound
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"], route_class=AuthFirstRoute)
 
 
 def _require_some_admin(principal: Caller, ref: str) -> None:

@@ -103,7 +103,11 @@ def parse_header(raw: bytes, *, file_size: int, limits: Limits) -> SafetensorsHe
         raise InvalidCheckpoint("not a safetensors file: the header is not a JSON object")
     try:
         data = json.loads(raw, object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except InvalidCheckpoint:  # a duplicate key
+        raise
+    except RecursionError as exc:  # a header nested thousands deep
+        raise InvalidCheckpoint("safetensors header is nested too deeply to be one") from exc
+    except ValueError as exc:  # bad JSON or UTF-8, or an integer of thousands of digits
         raise InvalidCheckpoint(f"safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidCheckpoint("safetensors header is not a JSON object")

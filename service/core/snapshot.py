@@ -376,6 +376,7 @@ MAX_ITEMS = 1_000
 MAX_TEXT = 4_096
 MAX_SNAPSHOT_BYTES = 256 * 1024
 MAX_DECODED_ARRAY = 4_096
+NUMPY_MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS)
 TRUNCATED = "…"
 
 _NUMPY_SCALAR = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"})
@@ -556,10 +557,17 @@ def _numpy_array(version: Any, shape: Any, dtype: Any, fortran: Any, raw: Any) -
     # ndarray.__setstate__((version, shape, dtype, is_fortran, raw bytes))
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
         return None
+    if len(shape) > NUMPY_MAX_DIMS:
+        raise InvalidCheckpoint(
+            f"the snapshot holds a numpy array of {len(shape)} dimensions, which numpy cannot "
+            f"make (at most {NUMPY_MAX_DIMS}): the file was forged or is damaged",
+            detail={"dimensions": len(shape), "limit": NUMPY_MAX_DIMS},
+        )
     fmt = _numpy_format(dtype)
     numel = math.prod(shape)
     if (
-        fmt is not None
+        len(shape) <= MAX_DEPTH  # deeper than the renderer goes: described, not decoded
+        and fmt is not None
         and isinstance(raw, bytes)
         and not (fortran and len(shape) > 1)
         and numel <= MAX_DECODED_ARRAY
@@ -567,7 +575,7 @@ def _numpy_array(version: Any, shape: Any, dtype: Any, fortran: Any, raw: Any) -
     ):
         return _nest([v for (v,) in struct.iter_unpack(fmt, raw)], list(shape))
     code = dtype.args[0] if isinstance(dtype, Placeholder) and dtype.args else None
-    return {"__ndarray__": {"dtype": str(code), "shape": list(shape)}}
+    return {"__ndarray__": {"dtype": clean_text(str(code)), "shape": list(shape[:MAX_ITEMS])}}
 
 
 def _numpy_format(dtype: Any) -> str | None:
