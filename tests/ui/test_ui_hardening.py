@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
+from pydantic import ValidationError
 
+from service.settings import Settings
 from statehub import Client
 from tests._server import ServerProcess, start_server
 
@@ -149,3 +151,14 @@ def test_login_needs_an_origin_of_this_site(public: tuple[ServerProcess, str]) -
         assert kept.status_code == 303, (origin, kept.text)
         assert "statehub_token=shb_some-pasted-token-1" in kept.headers["set-cookie"]
         assert "secure" in kept.headers["set-cookie"].lower()  # the public URL is https
+
+
+def test_the_public_url_setting_is_an_http_url() -> None:
+    assert Settings(public_url="https://hub.example/prefix/").public_url == (
+        "https://hub.example/prefix"
+    )
+    assert Settings(host="0.0.0.0", port=9000).effective_public_url == "http://localhost:9000"
+    assert Settings(host="::1", port=9000).effective_public_url == "http://[::1]:9000"
+    for bad in ("javascript:alert(1)", "hub.example", "https://hub.example/?q=1", "ftp://h/"):
+        with pytest.raises(ValidationError, match="STATEHUB_PUBLIC_URL"):
+            Settings(public_url=bad)
