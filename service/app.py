@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import auth, metrics, ui
 from service.api import adapters, admin, fitting, models, tensors, tokens
 from service.api.bodies import takes_raw_body
-from service.errors import ClientDisconnected, StatehubError, StorageError, TooLarge
+from service.errors import StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
 from service.storage import db as database
@@ -28,6 +28,7 @@ from service.storage.db import safe_url
 log = logging.getLogger("statehub")
 
 HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody receives it; not a 5xx
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -151,8 +152,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             "client disconnected before its request body was complete",
             extra={"method": request.method, "path": request.url.path},
         )
-        error = ClientDisconnected("the client closed the connection mid-request")
-        return error_response(request, error.status, error.code, error.message, {})
+        message = "the client closed the connection mid-request"
+        return error_response(request, CLIENT_CLOSED, "client_disconnected", message, {})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

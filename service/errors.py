@@ -21,8 +21,11 @@ centrally, in ``service.app``. Nothing else in the server turns exceptions into 
     ├── StorageError                   500  storage_error (the store holds something wrong)
     │   └── StorageUnavailable         503  storage_unavailable (try again later)
     ├── ShuttingDown                   503  shutting_down (this replica is draining)
-    ├── ClientDisconnected             499  client_disconnected (for logs and metrics only)
     └── Misconfigured                  ---  internal: the server refuses to start (never sent)
+
+A client that disconnects mid-request is answered 499 ``client_disconnected`` by
+``service.app`` (nginx's "client closed request"): nobody receives it, and it stays out of
+the 5xx counts and the error log.
 
 Third-party exceptions (boto3, SQLAlchemy) are translated where they are caught, in
 ``service.storage``, chained with ``from exc``.
@@ -134,15 +137,6 @@ class ShuttingDown(StatehubError):
 
     code = "shutting_down"
     status = 503
-
-
-class ClientDisconnected(StatehubError):
-    """The client closed the connection before its request was complete (an upload cut
-    mid-body). Nobody receives the answer; 499 (nginx's "client closed request") keeps it
-    out of the 5xx counts and the error log."""
-
-    code = "client_disconnected"
-    status = 499
 
 
 class Misconfigured(StatehubError):
