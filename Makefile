@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install lint typecheck pytest migrations-check deploy-check constraints bench
+.PHONY: serve test test-fast install lint typecheck pytest migrations-check deploy-check constraints bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,12 @@ pytest: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck migrations-check deploy-check pytest
+
+# The inner loop: core, storage, client tables and in-process API tests, no server processes,
+# browsers or large checkpoints (markers `server` and `slow`); `make test` runs everything.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -m "not slow and not server"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

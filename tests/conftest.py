@@ -13,6 +13,15 @@ from tests._server import ServerProcess, create_pg_schema, drop_pg_schema, start
 from tests._services import S3_TEST_KEYS, MotoServer, s3_settings, start_moto_server
 
 BACKENDS = ("sqlite", "postgres")
+# Fixtures that start a statehub server process or a browser: their tests are marked
+# ``server`` and stay out of the fast lane (``make test-fast``).
+PROCESS_FIXTURES = frozenset({"server", "deployment", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@ from tests._server import ServerProcess
 from tests._services import free_port
 from tests.api.conftest import Deployment, checkpoint_bytes, spec_of_checkpoint
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 ROOT_TOKEN = "shb_root-" + "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6"
 NAMESPACES = ("vision", "audio")
 READ, WRITE, ADMIN = 1, 2, 3

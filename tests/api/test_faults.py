@@ -23,6 +23,9 @@ from tests._services import MotoServer
 from tests.api.conftest import checkpoint_bytes, spec_of_checkpoint
 from tests.conftest import backend_env
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 
 @dataclass
 class Faulty:

@@ -30,6 +30,9 @@ from tests._server import ServerProcess, drop_pg_schema, pg_url, start_server
 from tests._services import MotoServer
 from tests.conftest import backend_env
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 MODEL_ROUTE = "/v1/models/{namespace}/{name}"
 FETCH_ROUTE = "/v1/models/{namespace}/{name}/versions/{ref}/fetch"
 REQUESTS = "statehub_http_requests_total"

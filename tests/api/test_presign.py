@@ -30,6 +30,9 @@ from tests._proxy import TcpProxy, _close
 from tests._server import ServerProcess, start_server
 from tests._services import S3_TEST_KEYS, MotoServer, s3_settings
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 TOKEN = "shb_" + "presign-test-token-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PRESIGNED_GET = re.compile(rb"GET (\S*X-Amz-Signature=\S*) HTTP/1\.1\r\n(.*?)\r\n\r\n", re.S)

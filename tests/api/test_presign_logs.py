@@ -23,6 +23,9 @@ from tests._server import ServerProcess, drop_pg_schema, start_server
 from tests._services import MotoServer
 from tests.conftest import backend_env
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def presigning(

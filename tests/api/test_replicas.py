@@ -33,6 +33,9 @@ from tests._server import ServerProcess, drop_pg_schema, migrate, start_server
 from tests._services import MotoServer, free_port
 from tests.conftest import backend_env
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 MiB = 1024 * 1024
 
 

@@ -26,6 +26,9 @@ from tests._services import MotoServer
 from tests.api.conftest import checkpoint_bytes
 from tests.conftest import backend_env
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 FREEZE_READ_TIMEOUT_S = 1.0
 FREEZE_ATTEMPTS = 2
 

@@ -22,6 +22,9 @@ import pytest
 from tests._server import ServerProcess, start_server
 from tests.api.conftest import checkpoint_bytes
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 2.0
 MIN_RATE = 8 * 1024  # bytes/s

@@ -17,6 +17,9 @@ from safetensors.torch import save as st_save
 
 from tests._server import ServerProcess, start_server
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 MiB = 1024 * 1024
 
 

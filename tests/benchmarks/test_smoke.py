@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parents[2]
 # Every section's title and the first header cell of each of its tables.
 TABLES = {

@@ -33,6 +33,9 @@ from statehub.cli import main
 from tests._models import TinyResNet, randomize_buffers, seeded
 from tests._server import ServerProcess
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parents[2]
 
 

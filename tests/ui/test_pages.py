@@ -21,6 +21,9 @@ from tests._models import TinyResNet
 from tests._server import ServerProcess, start_server
 from tests.ui.conftest import Tab
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 XSS_KEY = "<script>alert(1)</script>"
 XSS_ATTR = '"><img src=x onerror=alert(2)>'
 BIG_TENSORS = 10_000

@@ -22,6 +22,9 @@ from service.settings import Settings
 from statehub import Client
 from tests._server import ServerProcess, start_server
 
+# Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
+pytestmark = pytest.mark.server
+
 PUBLIC_URL = "https://statehub.example.org"
 
 
