@@ -9,10 +9,8 @@ containers is refused, never run; the server reads such files with inert placeho
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
-import struct
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from statehub._tensors import (
     arch_fp,
     extract_state_dict,
     is_state_dict,
+    read_safetensors_header,
     shape_fp,
     spec_of_state_dict,
     wrapper_prefixes,
@@ -134,39 +133,9 @@ def inspect_checkpoint(path: str | Path, *, ema: bool = False) -> CheckpointRepo
     return _inspect_torch(path, kind, ema=ema)
 
 
-# safetensors' own bound on a header (the Rust reader refuses larger ones).
-MAX_SAFETENSORS_HEADER = 100_000_000
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The safetensors header, read only once its claimed length is plausible: a file that
-    is not a checkpoint (random bytes, text, an empty file) has a first 8 bytes that claim
-    anything up to 2^64, and reading that much would exhaust memory."""
-    size = path.stat().st_size
-    if size < 8:
-        raise ValueError(f"the file has {size} bytes, fewer than a safetensors header needs")
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise ValueError(
-                f"its first 8 bytes claim a {length}-byte header, but the file has {size} "
-                f"bytes (and headers are at most {MAX_SAFETENSORS_HEADER})"
-            )
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ValueError("the header is not UTF-8 JSON") from None
-    except RecursionError:
-        raise ValueError("the header's JSON is nested too deeply") from None
-    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
-        raise ValueError("the header is not a JSON object of tensor entries")
-    return header
-
-
 def _inspect_safetensors(path: Path) -> CheckpointReport:
     try:
-        header = _read_header(path)
+        header = read_safetensors_header(path)
         metadata = header.pop("__metadata__", None) or {}
         ordered = sorted(header.items(), key=lambda kv: int(kv[1]["data_offsets"][0]))
         tensors = [{"key": k, "shape": v["shape"], "dtype": v["dtype"]} for k, v in ordered]

@@ -144,7 +144,10 @@ def spec_of_file(path: Path) -> dict[str, Any]:
         if state_dict is None:
             raise ValueError(f"{path}: no state_dict found (a plain dict of tensors or a snapshot)")
         return spec_of_state_dict(state_dict)
-    header = read_safetensors_header(path)
+    try:
+        header = read_safetensors_header(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a safetensors or torch checkpoint: {exc}") from None
     return {
         "tensors": [
             {"key": k, "shape": v["shape"], "dtype": v["dtype"]}
@@ -236,10 +239,34 @@ def shape_fp(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+# safetensors' own bound on a header (the Rust reader refuses larger ones).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The safetensors header, read only once its claimed length is plausible: a file that
+    is not a checkpoint (random bytes, text, an empty file) has a first 8 bytes that claim
+    anything up to 2^64, and reading that much would exhaust memory."""
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"the file has {size} bytes, fewer than a safetensors header needs")
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise ValueError(
+                f"its first 8 bytes claim a {length}-byte header, but the file has {size} "
+                f"bytes (and headers are at most {MAX_SAFETENSORS_HEADER})"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError("the header is not UTF-8 JSON") from None
+    except RecursionError:
+        raise ValueError("the header's JSON is nested too deeply") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ValueError("the header is not a JSON object of tensor entries")
+    return header
 
 
 # -- writing ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from statehub._inspect import inspect_checkpoint
+from statehub._tensors import spec_of_file
 from statehub.cli import main
 
 NOT_A_CHECKPOINT = "not a safetensors or torch checkpoint"
@@ -92,3 +93,28 @@ def test_the_cli_prints_an_error_not_a_traceback(files: dict[str, Path], name: s
     assert f"error: {files[name]}: {NOT_A_CHECKPOINT}" in result.output
     assert "Traceback" not in result.output and "MemoryError" not in result.output
     assert "unexpected" not in result.output  # a ValueError, not the catch-all
+
+
+# The files a target spec is read from (``--target FILE``, ``plan(ref, target=path)``) go
+# through the same header check: a claimed length is never read before it is plausible.
+HEADER_CASES = [
+    "random.bin",
+    "huge-claim.safetensors",
+    "empty.pth",
+    "one-past.safetensors",
+    "gigabyte-claim.safetensors",
+    "text.txt",
+    "list.safetensors",
+    "deep.safetensors",
+    "bad-utf8.safetensors",
+    "short.safetensors",
+]
+
+
+@pytest.mark.parametrize("name", HEADER_CASES)
+def test_a_target_file_that_is_not_a_checkpoint_is_a_value_error(
+    files: dict[str, Path], name: str
+) -> None:
+    with pytest.raises(ValueError, match="not a safetensors or torch checkpoint") as info:
+        spec_of_file(files[name])
+    assert str(files[name]) in str(info.value)
