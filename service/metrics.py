@@ -184,8 +184,8 @@ FETCHES = Counter(
 FIT_CACHE = Counter(
     "statehub_fit_cache_total",
     "Fit cache events: hit, miss, stored, skipped (spool short or failing), abandoned (the "
-    "body was cut short, its copy discarded), failed (store refused), dropped (cached blob "
-    "missing or corrupted), evicted (by gc).",
+    "body was cut short, its copy discarded), synthesized (not kept: mostly fills or padding), "
+    "failed (store refused), dropped (cached blob missing or corrupted), evicted (by gc).",
     labels=("event",),
 )
 PRESIGNED_REDIRECTS = Counter(
