@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -55,6 +56,21 @@ def backend_env(
         "STATEHUB_S3_MULTIPART_CHUNK": str(8 * 1024 * 1024),
     }
     return env, schema
+
+
+@contextmanager
+def postgres_s3_server(
+    moto: MotoServer, data_dir: str, env: dict[str, str], *, log_level: str = "warning"
+) -> Iterator[ServerProcess]:
+    """A server of a test's own on PostgreSQL + S3 with ``env`` on top; its schema dropped after."""
+    base, schema = backend_env("postgres", data_dir, moto)
+    server = start_server(base | env, log_level=log_level)
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert schema is not None
+        drop_pg_schema(schema)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -67,6 +67,12 @@ def register(server: ServerProcess, rules: list[dict[str, Any]]) -> str:
     return name
 
 
+def fill_rule(key: str, value: float, shape: list[int], dtype: str) -> dict[str, Any]:
+    """An adapter rule that fills target keys matching ``key`` from nothing."""
+    op = {"op": "fill", "value": value, "shape": shape, "dtype": dtype}
+    return {"type": "op", "key": key, "op": op}
+
+
 def error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()["error"]
@@ -124,16 +130,7 @@ def test_two_thousand_huge_fills_are_refused_before_anything_is_sent(
     # version's size (8x + 64 MiB): 413 too_large before a byte is built.
     sd = state_dict(counter=True)
     hub.push(f"{ns}/m", sd)
-    name = register(
-        server,
-        [
-            {
-                "type": "op",
-                "key": r"extra\.\d+",
-                "op": {"op": "fill", "value": 0, "shape": [2**27], "dtype": "I64"},
-            }
-        ],
-    )
+    name = register(server, [fill_rule(r"extra\.\d+", 0, [2**27], "I64")])
     extra = {f"extra.{i}": ([2**27], "I64") for i in range(2000)}
     body = {"target": spec(sd, **extra), "policy": {"adapters": [name]}}
     plan = post(server, ns, "plan", body)
@@ -167,16 +164,7 @@ def test_a_mostly_filled_body_is_served_but_not_cached(
     # a chunk, not by the tensor); not kept (its bytes cost no read to make again).
     sd = state_dict(counter=True)
     hub.push(f"{ns}/m", sd)
-    name = register(
-        server,
-        [
-            {
-                "type": "op",
-                "key": r"head\.weight",
-                "op": {"op": "fill", "value": 0.5, "shape": [3000, 4096], "dtype": "F32"},
-            }
-        ],
-    )
+    name = register(server, [fill_rule(r"head\.weight", 0.5, [3000, 4096], "F32")])
     body = {
         "target": spec(sd, **{"head.weight": ([3000, 4096], "F32")}),
         "policy": {"adapters": [name]},

@@ -26,9 +26,9 @@ from service.settings import Settings
 from service.storage.blobs import open_blob_store
 from statehub import Client, spec_of
 from tests._metrics import delta, parse, scrape, value
-from tests._server import ServerProcess, drop_pg_schema, pg_url, start_server
+from tests._server import ServerProcess, pg_url
 from tests._services import MotoServer
-from tests.conftest import backend_env
+from tests.conftest import postgres_s3_server
 
 # Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
 pytestmark = pytest.mark.server
@@ -189,15 +189,10 @@ def logged_server(
     moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """PostgreSQL + S3 with a secret of its own, logging at debug level (botocore included)."""
-    env, schema = backend_env("postgres", str(tmp_path_factory.mktemp("logged")), moto_server)
-    env |= {"STATEHUB_S3_SECRET_ACCESS_KEY": S3_SECRET, "STATEHUB_LOG_FORMAT": "json"}
-    server = start_server(env, log_level="debug")
-    try:
+    env = {"STATEHUB_S3_SECRET_ACCESS_KEY": S3_SECRET, "STATEHUB_LOG_FORMAT": "json"}
+    data_dir = str(tmp_path_factory.mktemp("logged"))
+    with postgres_s3_server(moto_server, data_dir, env, log_level="debug") as server:
         yield server
-    finally:
-        server.stop()
-        assert schema is not None
-        drop_pg_schema(schema)
 
 
 @pytest.fixture(scope="module")

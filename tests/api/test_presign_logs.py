@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save as st_save
 
 from statehub import Client
-from tests._server import ServerProcess, drop_pg_schema, start_server
+from tests._server import ServerProcess
 from tests._services import MotoServer
-from tests.conftest import backend_env
+from tests.conftest import postgres_s3_server
 
 # Starts servers of its own (a statehub process, moto, a browser): not in the fast lane.
 pytestmark = pytest.mark.server
@@ -31,15 +31,10 @@ pytestmark = pytest.mark.server
 def presigning(
     moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    env, schema = backend_env("postgres", str(tmp_path_factory.mktemp("presign-logs")), moto_server)
-    env |= {"STATEHUB_PRESIGN_FETCH": "true", "STATEHUB_LOG_FORMAT": "json"}
-    server = start_server(env, log_level="debug")
-    try:
+    env = {"STATEHUB_PRESIGN_FETCH": "true", "STATEHUB_LOG_FORMAT": "json"}
+    data_dir = str(tmp_path_factory.mktemp("presign-logs"))
+    with postgres_s3_server(moto_server, data_dir, env, log_level="debug") as server:
         yield server
-    finally:
-        server.stop()
-        assert schema is not None
-        drop_pg_schema(schema)
 
 
 def signature_of(location: str) -> str:
