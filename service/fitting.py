@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ VERDICT_RANK = {"exact": 0, "adapted": 1, "partial": 2, "incompatible": 3}
 FETCH_EXPANSION_SLACK = 64 * 1024 * 1024
 # Ops that keep a tensor made by a fill constant: such a fill streams without being built.
 _CONSTANT_PRESERVING = frozenset({"cast", "reshape", "transpose"})
+# Part of the ETag: a body laid out differently (here: tensors in stored order) is another
+# body, so no resumed range mixes bytes of two layouts.
+BODY_LAYOUT = "stored-order"
 
 
 # -- planning ---------------------------------------------------------------------------
@@ -148,13 +152,18 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
     # bytes make different bodies, so the version is part of the ETag.
     source_ref = _fetch_metadata(version, plan)["statehub.source"]
     etag = hashlib.sha256(
-        f"{version.digest}{plan.canonical_json()}{source_ref}".encode()
+        f"{version.digest}{plan.canonical_json()}{source_ref}{BODY_LAYOUT}".encode()
     ).hexdigest()
     if plan.verdict == "exact":
         return FetchLayout((StoredRange(0, version.size),), "passthrough", etag, plan)
     offsets = {t["key"]: t["offsets"] for t in version.spec["tensors"]}
     source = source_spec(version)
-    loaded = plan.loaded
+    # Tensors go in the order they are stored (fills last), whatever the target's order:
+    # the header says where each is, and the stored bytes are then read front to back as a
+    # few large ranges (a target in another order would make a read per tensor).
+    loaded = sorted(
+        plan.loaded, key=lambda e: (e.source is None, offsets[e.source][0] if e.source else 0)
+    )
     _check_expansion(version, [target[e.target] for e in loaded], settings)
     synthesized = 0
     header = build_header([target[e.target] for e in loaded], _fetch_metadata(version, plan))
@@ -263,105 +272,144 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
 
 
 def iter_layout(
-    layout: FetchLayout, blobs: ByteSource, digest: str, *, start: int, end: int, chunk: int
+    layout: FetchLayout,
+    blobs: ByteSource,
+    digest: str,
+    *,
+    start: int,
+    end: int,
+    chunk: int,
+    gap: int = 1024 * 1024,
+    part: int = 16 * 1024 * 1024,
+    in_flight: int = 4,
 ) -> Iterator[bytes | memoryview]:
-    """The bytes [start, end) of the fetch body, produced segment by segment.
+    """The bytes [start, end) of the fetch body, in body order.
 
-    Stored bytes are read forward through a ``SequentialReader``: segments whose sources are
-    adjacent in the blob (the common case: a checkpoint read in its own order) share one
-    ranged read instead of a request per tensor.
+    A passthrough body is one ``iter_range`` of the stored bytes (a ``VerifiedBlob`` then
+    hashes the whole blob while it streams). Any other body is served from
+    ``layout.read_plan``: the stored bytes it needs are read as a few large ranges, up to
+    ``in_flight`` at once (``PartReader``), and each slice is cut from them.
     """
-    reader = SequentialReader(blobs, digest, chunk)
-    run_ends = _run_ends(layout.segments)
-    position = 0
+    if layout.mode == "passthrough":
+        stream = blobs.iter_range(digest, start, end, chunk)
+        try:
+            for data in stream:
+                metrics.BYTES_FETCHED.inc(amount=len(data))
+                yield data
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        return
+    plan = layout_rules.read_plan(layout.segments, start, end, gap=gap, part=part)
+    reader = PartReader(blobs, digest, plan.reads, in_flight)
+    # Reads below the next slice's first read are no longer needed once a slice is done
+    # (first reads never decrease along the body: ``read_plan`` starts a new run instead).
+    keep_from = [len(plan.reads)] * len(plan.slices)
+    lowest = len(plan.reads)
+    for index in range(len(plan.slices) - 1, -1, -1):
+        keep_from[index] = lowest
+        if plan.slices[index].first_read >= 0:
+            lowest = plan.slices[index].first_read
     try:
-        for segment, run_end in zip(layout.segments, run_ends, strict=True):
-            seg_start, seg_end = position, position + segment.length
-            position = seg_end
-            if seg_end <= start or segment.length == 0:
-                continue
-            if seg_start >= end:
-                break
-            lo, hi = max(start, seg_start) - seg_start, min(end, seg_end) - seg_start
+        for piece, keep in zip(plan.slices, keep_from, strict=True):
+            segment = piece.segment
             if isinstance(segment, HeaderBytes):
-                yield segment.data[lo:hi]
+                yield segment.data[piece.lo : piece.hi]
             elif isinstance(segment, StoredRange):
-                yield from reader.chunks(segment.start + lo, segment.start + hi, run_end)
+                yield from reader.chunks(piece, chunk, keep)
             elif (element := _constant_element(segment)) is not None:
-                yield from _repeat(element, lo, hi, chunk)
+                yield from _repeat(element, piece.lo, piece.hi, chunk)
             else:
-                yield transform(segment, reader, run_end)[lo:hi]
-            metrics.BYTES_FETCHED.inc(amount=min(end, seg_end) - max(start, seg_start))
+                out = transform(segment, reader.gather(piece))
+                reader.release(keep)
+                yield from _pieces(out[piece.lo : piece.hi], chunk)
+            reader.release(keep)
+            metrics.BYTES_FETCHED.inc(amount=piece.length)
     finally:
         reader.close()
 
 
-def _source_span(segment: Segment) -> tuple[int, int] | None:
-    if isinstance(segment, StoredRange):
-        return segment.start, segment.end
-    if isinstance(segment, Transformed) and segment.source is not None:
-        return segment.source_start, segment.source_start + segment.source.nbytes
-    return None
+def _pieces(view: memoryview, chunk: int) -> Iterator[memoryview]:
+    for offset in range(0, len(view), chunk):
+        yield view[offset : offset + chunk]
 
 
-def _run_ends(segments: Sequence[Segment]) -> list[int]:
-    """For each segment, where the run of blob-adjacent source spans it belongs to ends."""
-    ends = [0] * len(segments)
-    run_end, next_start = 0, -1
-    for index in range(len(segments) - 1, -1, -1):
-        span = _source_span(segments[index])
-        if span is None:
-            continue
-        if span[1] != next_start:
-            run_end = span[1]
-        ends[index], next_start = run_end, span[0]
-    return ends
+class PartReader:
+    """The reads of a ``ReadPlan``, each one ``read_range``, fetched ahead by a bounded
+    thread pool: while one part is sent the next ``in_flight - 1`` are on their way.
+    Memory: about ``in_flight`` parts, plus the parts of the tensor being transformed."""
 
-
-class SequentialReader:
-    """Forward reads of one blob: a read that starts where the previous one ended goes on
-    with the same ranged read; any other opens a new one, up to the end of its run."""
-
-    def __init__(self, blobs: ByteSource, digest: str, chunk: int) -> None:
+    def __init__(
+        self, blobs: ByteSource, digest: str, reads: Sequence[layout_rules.Read], in_flight: int
+    ) -> None:
         self._blobs = blobs
         self._digest = digest
-        self._chunk = chunk
-        self._stream: Iterator[bytes | memoryview] | None = None
-        self._position = -1
-        self._pending = memoryview(b"")
+        self._reads = reads
+        self._in_flight = max(1, in_flight)
+        self._pool: ThreadPoolExecutor | None = None
+        self._parts: dict[int, Future[bytes]] = {}
+        self._submitted = 0  # reads [0, submitted) were asked for
+        self._released = 0  # reads below this were dropped
 
-    def chunks(self, start: int, end: int, run_end: int) -> Iterator[memoryview]:
-        if self._stream is None or start != self._position:
-            self.close()
-            ranged = self._blobs.iter_range(self._digest, start, run_end, self._chunk)
-            self._stream, self._position = iter(ranged), start
-        remaining = end - start
-        while remaining:
-            if not self._pending:
-                piece = next(self._stream, None)
-                if piece is None:
-                    raise StorageError(f"blob {self._digest} ended before byte {end}")
-                self._pending = memoryview(piece)
-            taken = self._pending[:remaining]
-            self._pending = self._pending[len(taken) :]
-            self._position += len(taken)
-            remaining -= len(taken)
-            yield taken
+    def _read(self, index: int) -> bytes:
+        read = self._reads[index]
+        data = self._blobs.read_range(self._digest, read.start, read.end)
+        if len(data) != read.length:
+            raise StorageError(f"blob {self._digest} ended before byte {read.end}")
+        return data
 
-    def read(self, start: int, size: int, run_end: int) -> bytearray:
-        """Exactly ``size`` bytes from ``start``, in a buffer of their own."""
-        out = bytearray(size)
-        view, filled = memoryview(out), 0
-        for piece in self.chunks(start, start + size, run_end):
-            view[filled : filled + len(piece)] = piece
-            filled += len(piece)
+    def part(self, index: int) -> bytes:
+        """Read ``index``'s bytes, once it has arrived; later reads are asked for."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._in_flight, thread_name_prefix="fetch-read")
+        ahead = min(index + self._in_flight, len(self._reads))
+        while self._submitted < max(ahead, index + 1):
+            self._parts[self._submitted] = self._pool.submit(self._read, self._submitted)
+            self._submitted += 1
+        return self._parts[index].result()
+
+    def chunks(self, piece: layout_rules.Slice, chunk: int, keep: int) -> Iterator[memoryview]:
+        """The stored bytes of ``piece``, part by part (parts it is done with are dropped)."""
+        span = piece.span
+        assert span is not None
+        for index in range(piece.first_read, piece.last_read + 1):
+            read = self._reads[index]
+            lo, hi = max(span[0], read.start), min(span[1], read.end)
+            yield from _pieces(
+                memoryview(self.part(index))[lo - read.start : hi - read.start], chunk
+            )
+            self.release(min(index + 1, keep))
+
+    def gather(self, piece: layout_rules.Slice) -> bytearray:
+        """The whole source tensor of a transformed slice, in a buffer of its own."""
+        span = piece.span
+        if span is None:
+            return bytearray()
+        out = bytearray(span[1] - span[0])
+        for index in range(piece.first_read, piece.last_read + 1):
+            read = self._reads[index]
+            lo, hi = max(span[0], read.start), min(span[1], read.end)
+            out[lo - span[0] : hi - span[0]] = memoryview(self.part(index))[
+                lo - read.start : hi - read.start
+            ]
         return out
 
+    def release(self, below: int) -> None:
+        """Drop the parts of reads before ``below``."""
+        while self._released < min(below, self._submitted):
+            future = self._parts.pop(self._released, None)
+            if future is not None:
+                future.cancel()
+            self._released += 1
+
     def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
-        self._stream, self._pending = None, memoryview(b"")
+        for future in self._parts.values():
+            future.cancel()
+        self._parts.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def stream_fetch(
@@ -381,6 +429,9 @@ def stream_fetch(
             start=result.start,
             end=result.end,
             chunk=chunk,
+            gap=result.read_gap,
+            part=result.read_part,
+            in_flight=result.reads_in_flight,
         )
     except StorageError as exc:
         metrics.STORAGE_ERRORS.inc(exc.code)
@@ -389,13 +440,11 @@ def stream_fetch(
         metrics.FETCHES_IN_FLIGHT.dec()
 
 
-def transform(segment: Transformed, reader: SequentialReader, run_end: int) -> memoryview:
-    """Decode one source tensor, apply its ops, return the target's raw bytes."""
+def transform(segment: Transformed, raw: bytearray) -> memoryview:
+    """Decode one source tensor from its stored bytes, apply its ops, return the target's
+    raw bytes."""
     metrics.TENSORS_DECODED.inc()
-    tensor = None
-    if segment.source is not None:
-        raw = reader.read(segment.source_start, segment.source.nbytes, run_end)
-        tensor = decode(raw, segment.source)
+    tensor = decode(raw, segment.source) if segment.source is not None else None
     result = ops.apply_chain(segment.entry.ops, tensor)
     target = segment.target
     if tuple(result.shape) != target.shape or ops.dtype_code(result.dtype) != target.dtype:
@@ -421,6 +470,10 @@ class FetchResult:
     start: int
     end: int
     partial: bool
+    # How the body's stored bytes are read (``iter_layout``; the fetch_read_* settings).
+    read_gap: int = 1024 * 1024
+    read_part: int = 16 * 1024 * 1024
+    reads_in_flight: int = 4
 
 
 def prepare_fetch(
@@ -458,7 +511,16 @@ def prepare_fetch(
         version.number,
         extra={"verdict": plan.verdict, "mode": layout.mode, "bytes": end - start},
     )
-    return FetchResult(version, layout, start, end, partial=byte_range is not None)
+    return FetchResult(
+        version,
+        layout,
+        start,
+        end,
+        partial=byte_range is not None,
+        read_gap=settings.fetch_read_gap,
+        read_part=settings.fetch_read_part,
+        reads_in_flight=settings.fetch_reads_in_flight,
+    )
 
 
 # -- search -----------------------------------------------------------------------------
