@@ -28,6 +28,8 @@ from service.core.jsondata import body_value_budget, parse_body
 from service.settings import Settings
 
 RAW_BODY_ATTR = "__statehub_raw_body__"
+# JSON bodies up to this size are parsed on the event loop (a few ms at most).
+INLINE_PARSE_BYTES = 256 * 1024
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -89,8 +91,10 @@ class AuthFirstRoute(APIRoute):
                 return await handler(request)  # FastAPI refuses it without parsing JSON
             settings: Settings = request.app.state.settings
             budget = body_value_budget(max_tensors=settings.max_tensors, max_rank=settings.max_rank)
-            # Off the event loop: a large spec takes a moment to parse; /healthz does not wait.
-            value = await run_in_threadpool(parse_body, body, max_values=budget)
+            if len(body) <= INLINE_PARSE_BYTES:  # microseconds: cheaper than a thread hop
+                value = parse_body(body, max_values=budget)
+            else:  # off the event loop: a large spec takes a while; /healthz does not wait
+                value = await run_in_threadpool(parse_body, body, max_values=budget)
             return await handler(ParsedJsonRequest(request, body, value))
 
         return authenticated_then_parsed
