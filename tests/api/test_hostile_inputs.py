@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
+from service.api.bodies import INLINE_PARSE_BYTES
 from service.core.jsondata import MAX_METADATA_DEPTH, UNREADABLE, body_value_budget
 from service.storage.models import Version
 from tests._metrics import delta, scrape
@@ -201,6 +202,18 @@ def test_a_spec_under_the_budget_still_plans(world: World) -> None:
     response = world.reader.post(PLAN, json={"target": spec_of_checkpoint()})
     assert response.status_code == 200, response.text
     assert response.json()["plan"]["verdict"] == "exact"
+
+
+def test_a_large_spec_is_parsed_off_the_event_loop_and_plans(world: World) -> None:
+    """Over INLINE_PARSE_BYTES the body is parsed in a worker thread: same answer."""
+    tensors = spec_of_checkpoint()["tensors"] + [
+        {"key": f"extra.layers.{i}.weight", "shape": [64, 64], "dtype": "F32"} for i in range(6_000)
+    ]
+    body = json.dumps({"target": {"tensors": tensors}}).encode()
+    assert len(body) > INLINE_PARSE_BYTES
+    response = json_post(world.reader, PLAN, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["plan"]["verdict"] != "incompatible"
 
 
 # -- item 4: metadata checked before anything is stored ------------------------------------
