@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
-from service.api import adapters, admin, fitting, models, tensors, tokens
+from service.api import adapters, admin, files, fitting, models, tensors, tokens
 from service.api.bodies import takes_raw_body
 from service.errors import StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.aliases_router)
     app.include_router(fitting.router)
     app.include_router(tensors.router)
+    app.include_router(files.router)
     app.include_router(adapters.router)
     app.include_router(tokens.router)
     app.include_router(admin.router)

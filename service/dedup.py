@@ -120,7 +120,7 @@ def _store_whole(
     hashes: Sequence[str],
     digest: str,
 ) -> Stored:
-    leases = _put_leased(db, blobs, settings, digest, path)
+    leases = put_leased(db, blobs, settings, digest, path)
     index = [
         (sha, digest, header.data_start + t.begin, t.nbytes)
         for t, sha in zip(header.tensors, hashes, strict=True)
@@ -140,7 +140,7 @@ def _store_composed(
 ) -> Stored | None:
     """Header + new tensors in one new blob, the rest as ranges of stored blobs; None when
     a stored tensor vanished meanwhile (gc): the caller stores the file whole instead."""
-    leases = _lease(db, settings, {row.blob_digest for row in found.values()})
+    leases = lease(db, settings, {row.blob_digest for row in found.values()})
     try:
         places = _confirm(db, found)
         if places is None:
@@ -148,7 +148,7 @@ def _store_composed(
             return None
         delta, new_at = _write_delta(settings, path, header, hashes, places)
         try:
-            leases += _put_leased(db, blobs, settings, delta.digest, delta.path)
+            leases += put_leased(db, blobs, settings, delta.digest, delta.path)
         finally:
             delta.path.unlink(missing_ok=True)
     except BaseException:
@@ -233,7 +233,7 @@ def _copy(handle: Any, spool: SpoolFile, size: int) -> None:
         size -= len(block)
 
 
-def _lease(db: Database, settings: Settings, digests: Iterable[str]) -> list[int]:
+def lease(db: Database, settings: Settings, digests: Iterable[str]) -> list[int]:
     ttl = timedelta(seconds=settings.upload_lease_s)
     leases = []
     for digest in sorted(set(digests)):
@@ -242,11 +242,11 @@ def _lease(db: Database, settings: Settings, digests: Iterable[str]) -> list[int
     return leases
 
 
-def _put_leased(
+def put_leased(
     db: Database, blobs: BlobStore, settings: Settings, digest: str, path: Path
 ) -> list[int]:
     """Store ``path`` as blob ``digest`` under a lease (released here only on failure)."""
-    leases = _lease(db, settings, [digest])
+    leases = lease(db, settings, [digest])
     try:
         blobs.put_file(digest, path)
     except BaseException:
@@ -290,7 +290,7 @@ def store_tensor(
                 f"the uploaded bytes hash to {spooled.digest}, not {sha256}",
                 detail={"expected": sha256, "actual": spooled.digest},
             )
-        leases = _put_leased(db, blobs, settings, sha256, spooled.path)
+        leases = put_leased(db, blobs, settings, sha256, spooled.path)
         try:
             with db.session() as session:
                 repo.index_stored_tensors(session, [(sha256, sha256, 0, spooled.size)])
@@ -321,12 +321,12 @@ def compose_from_hashes(
     with db.session() as session:
         found = repo.find_stored_tensors(session, hashes)
     _require_stored(header, hashes, found)
-    leases = _lease(db, settings, {row.blob_digest for row in found.values()})
+    leases = lease(db, settings, {row.blob_digest for row in found.values()})
     try:
         places = _confirm(db, found)
         if places is None:
             raise Conflict("stored tensors were collected meanwhile; push again")
-        leases += _put_leased(db, blobs, settings, header_file.digest, header_file.path)
+        leases += put_leased(db, blobs, settings, header_file.digest, header_file.path)
         extents = _extents(header, hashes, header_file.digest, places, {})
         digest = _digest_of(blobs, extents, settings.stream_chunk_bytes)
     except BaseException:

@@ -13,6 +13,8 @@ centrally, in ``service.app``. Nothing else in the server turns exceptions into 
     │       └── UnsafePickle           422  unsafe_pickle
     ├── NotFound (LookupError)         404  not_found
     ├── Conflict                       409  conflict
+    │   ├── TensorsMissing             409  tensors_missing
+    │   └── FilesMissing               409  files_missing
     ├── Incompatible                   409  incompatible
     ├── Unauthorized                   401  unauthorized
     ├── Forbidden                      403  forbidden
@@ -89,6 +91,12 @@ class TensorsMissing(Conflict):
     """A composed push names tensor hashes the registry does not store (upload them)."""
 
     code = "tensors_missing"
+
+
+class FilesMissing(Conflict):
+    """A folder push names files the registry does not store (upload them, commit again)."""
+
+    code = "files_missing"
 
 
 class Incompatible(StatehubError):

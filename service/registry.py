@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from service import dedup
 from service.core.adapters import AdapterSpec, parse_adapter
 from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
+from service.core.repo_files import FileEntry, files_digest
 from service.core.safetensors_format import Limits, parse_header
 from service.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from service.ingest import Ingested, check_stored, describe, ingest
@@ -123,8 +125,10 @@ def push_version(
     alias: str | None,
     ema: bool,
     actor: str,
+    files: Sequence[FileEntry] = (),
 ) -> PushResult:
-    """Ingest a spooled upload, store its blob durably, then commit the version row.
+    """Ingest a spooled upload, store its blob durably, then commit the version row (with
+    ``files``, the files of a folder push whose weights these are).
 
     Identical bytes already stored as a version of this model are not stored again: that
     version is returned (``created=False``), which also makes a retried push harmless.
@@ -151,7 +155,15 @@ def push_version(
             digest=ingested.digest,
         )
         return commit_version(
-            db, name, ingested, stored, hashes, metadata=metadata, alias=alias, actor=actor
+            db,
+            name,
+            ingested,
+            stored,
+            hashes,
+            metadata=metadata,
+            alias=alias,
+            actor=actor,
+            files=files,
         )
     finally:
         ingested.path.unlink(missing_ok=True)
@@ -228,9 +240,10 @@ def commit_version(
     metadata: dict[str, Any],
     alias: str | None,
     actor: str,
+    files: Sequence[FileEntry] = (),
 ) -> PushResult:
-    """The version row, what it reads and its new tensors, and the leases' release: one
-    transaction."""
+    """The version row, what it reads, its new tensors and its files, and the leases'
+    release: one transaction."""
     ingested.report["storage"] = stored.report()
     with db.session() as session:
         result = _commit_version(
@@ -242,9 +255,11 @@ def commit_version(
             alias=alias,
             actor=actor,
             extents=stored.extents,
+            files_digest=files_digest(files) if files else None,
         )
         if result.created:
             dedup.record(session, result.version, stored)
+            repo.add_version_files(session, result.version, files)
         for lease_id in stored.leases:
             repo.release_lease(session, lease_id)
         stored.leases = []
@@ -261,10 +276,11 @@ def _commit_version(
     alias: str | None,
     actor: str,
     extents: list[Extent] | None,
+    files_digest: str | None,
 ) -> PushResult:
     model = repo.get_or_create_model(session, name, actor=actor)
     repo.lock_model(session, model)  # identical concurrent pushes: one version, not several
-    existing = repo.find_version_by_digest(session, model, ingested.digest)
+    existing = repo.find_same_push(session, model, ingested.digest, files_digest)
     if existing is not None:
         if alias is not None:
             repo.set_alias(session, model, alias, existing)
@@ -281,6 +297,7 @@ def _commit_version(
     version = _add_version(
         session, model, ingested, hashes, metadata=metadata, actor=actor, extents=extents
     )
+    version.files_digest = files_digest  # flushed with the aliases below
     repo.set_alias(session, model, LATEST, version)
     if alias is not None:
         repo.set_alias(session, model, alias, version)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
 
     # Bounds on what a request may ask of the server.
     max_upload_bytes: int = Field(default=64 * GiB, gt=0)
+    # A version pushed as a folder: how many files, and their total size (each file is
+    # bounded by max_upload_bytes).
+    max_version_files: int = Field(default=1000, gt=0)
+    max_version_bytes: int = Field(default=1024 * GiB, gt=0)
     max_header_bytes: int = Field(default=64 * MiB, gt=0)
     max_tensors: int = Field(default=200_000, gt=0)
     max_rank: int = Field(default=8, gt=0)

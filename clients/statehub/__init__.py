@@ -11,6 +11,7 @@ from statehub._client import Client, Progress, split_ref
 from statehub._errors import (
     Conflict,
     ConnectionFailed,
+    FilesMissing,
     Forbidden,
     Incompatible,
     IntegrityError,
@@ -38,6 +39,7 @@ __all__ = [
     "Client",
     "Conflict",
     "ConnectionFailed",
+    "FilesMissing",
     "Forbidden",
     "Incompatible",
     "IntegrityError",

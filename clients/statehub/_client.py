@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import httpx
 import torch
 
-from statehub import _dedup
+from statehub import _dedup, _folders
 from statehub._errors import (
     ConnectionFailed,
     IntegrityError,
@@ -452,6 +452,54 @@ class Client:
         """
         model, version = split_ref(ref)
         return Version.from_json(self._json("GET", f"/v1/models/{model}/versions/{version}"))
+
+    # -- versions pushed as folders -------------------------------------------------------
+
+    def push_folder(
+        self,
+        name: str,
+        folder: str | Path,
+        *,
+        alias: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Version:
+        """Push a folder (``save_pretrained`` output) as the next version of ``name``: every
+        file byte for byte, its weights (one .safetensors, an index and its shards, or one
+        torch file) as the version's tensors. ``push(name, folder)`` does the same.
+
+        Only files the registry lacks are uploaded. Symbolic links are refused.
+
+        Raises:
+            InvalidRequest (bad paths, no or ambiguous weights), InvalidCheckpoint, TooLarge,
+            FileNotFoundError, ValueError (a link, an empty folder), ConnectionFailed.
+        """
+        model, _ = split_ref(name)
+        params: dict[str, Any] = {}
+        if alias:
+            params["alias"] = alias
+        if metadata:
+            params["metadata"] = json.dumps(metadata)
+        return _folders.push_folder(self, model, Path(folder).expanduser(), params)
+
+    def files(self, ref: str) -> list[dict[str, Any]]:
+        """The files of a version pushed as a folder: ``[{path, size, sha256}, ...]``."""
+        model, version = split_ref(ref)
+        return _folders.files_of(self, model, version)
+
+    def download(
+        self, ref: str, path: str, dest: str | Path, *, progress: Progress | None = None
+    ) -> Path:
+        """One file of a version (``config.json``) to ``dest``, checked against its sha256."""
+        model, version = split_ref(ref)
+        return _folders.download(
+            self, model, version, path, Path(dest).expanduser(), progress=progress
+        )
+
+    def snapshot(self, ref: str, folder: str | Path) -> Path:
+        """Every file of a version into ``folder``, byte for byte as pushed (all from one
+        version, even if an alias moves meanwhile)."""
+        model, version = split_ref(ref)
+        return _folders.snapshot(self, model, version, Path(folder).expanduser())
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point ``alias`` (e.g. ``prod``) of model ``name`` at ``version``.

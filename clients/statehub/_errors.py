@@ -73,6 +73,12 @@ class TensorsMissing(Conflict):
     code = "tensors_missing"
 
 
+class FilesMissing(Conflict):
+    """A folder push named files the registry does not store (``detail['missing']``)."""
+
+    code = "files_missing"
+
+
 class Incompatible(StatehubError):
     """The policy forbids what fitting the checkpoint would need; ``.plan`` says why."""
 
@@ -138,6 +144,7 @@ _BY_CODE: dict[str, type[StatehubError]] = {
         NotFound,
         Conflict,
         TensorsMissing,
+        FilesMissing,
         Incompatible,
         Unauthorized,
         Forbidden,

@@ -27,6 +27,10 @@ class Version:
     created: bool = True
     created_by: str = ""
     created_at: str = ""
+    # A version pushed as a folder: its files ({path, size, sha256}) where the answer lists
+    # them, and their identity.
+    files: list[dict[str, Any]] | None = None
+    files_digest: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, created: bool = True) -> Version:
@@ -48,6 +52,8 @@ class Version:
             created=created,
             created_by=data.get("created_by", ""),
             created_at=str(data.get("created_at", "")),
+            files=data.get("files"),
+            files_digest=data.get("files_digest"),
         )
 
 

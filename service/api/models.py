@@ -26,7 +26,9 @@ from service.core.names import ModelName, validate_alias, validate_segment
 from service.errors import StorageError
 from service.fitting import parse_range
 from service.integrity import CLIENT_VERIFIES, VerifiedBlob, client_verifies
+from service.settings import Settings
 from service.storage import repositories as repo
+from service.storage.blobs import BlobStore
 from service.storage.composed import version_bytes
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=AuthFirstRoute)
@@ -268,40 +270,67 @@ def download_blob(
     """
     principal.require("read", name)
     version = registry.get_version(session=session, name=name, ref=ref)
-    digest, size = version.digest, version.size
+    return blob_response(
+        request,
+        blobs,
+        settings,
+        digest=version.digest,
+        size=version.size,
+        extents=version.extents,
+        filename=f"{name.name}-{version.number}.safetensors",
+    )
+
+
+def blob_response(
+    request: Request,
+    blobs: BlobStore,
+    settings: Settings,
+    *,
+    digest: str,
+    size: int,
+    extents: list[Any] | None,
+    filename: str,
+) -> Response:
+    """Stored bytes as they are (a version's blob, a file of a version): Range and If-Range,
+    a presigned redirect where configured, checked against the digest; HEAD gets the headers
+    alone, from stored metadata."""
     etag = f'"{digest}"'
     if_range = request.headers.get("if-range")
     wanted = request.headers.get("range") if not if_range or if_range == etag else None
     byte_range = parse_range(wanted, size)
     start, end = byte_range or (0, size)
-    if version.extents is None and blobs.size(digest) != size:  # fail now, not mid-body
-        raise StorageError(f"stored blob {digest} has the wrong size", detail={"digest": digest})
     headers = {"ETag": etag, "X-Statehub-Digest": digest, "X-Statehub-Body-Digest": digest}
-    if settings.presign_fetch and byte_range is None and version.extents is None:
+    headers |= {
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(end - start),
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    }
+    if byte_range:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    status_code = 206 if byte_range else 200
+    if request.method == "HEAD":
+        return Response(status_code=status_code, headers=headers)
+    if extents is None and blobs.size(digest) != size:  # fail now, not mid-body
+        raise StorageError(f"stored blob {digest} has the wrong size", detail={"digest": digest})
+    if settings.presign_fetch and byte_range is None and extents is None:
         url = blobs.presigned_url(digest, settings.presign_expires_s)  # None: a local store
         if url is not None:  # the client fetches it without its token and checks the digest
             metrics.PRESIGNED_REDIRECTS.inc("blob")
-            headers |= {"Location": url, "Cache-Control": "private, no-store"}
-            return Response(status_code=status.HTTP_303_SEE_OTHER, headers=headers)
+            redirect = {k: v for k, v in headers.items() if k.startswith(("ETag", "X-"))}
+            redirect |= {"Location": url, "Cache-Control": "private, no-store"}
+            return Response(status_code=status.HTTP_303_SEE_OTHER, headers=redirect)
     # Checked against its digest: before the response when small, else while streaming.
     source = VerifiedBlob(
-        version_bytes(blobs, digest, version.extents),
+        version_bytes(blobs, digest, extents),
         digest,
         size,
         buffer_limit=settings.verify_buffer_bytes,
         whole_in_order=True,
         client_verifies=client_verifies(request.headers.get(CLIENT_VERIFIES)),
     )
-    headers |= {
-        "Accept-Ranges": "bytes",
-        "Content-Length": str(end - start),
-        "Content-Disposition": f'attachment; filename="{name.name}-{version.number}.safetensors"',
-    }
-    if byte_range:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return StreamingResponse(
         source.iter_range(digest, start, end, settings.stream_chunk_bytes),
-        status_code=206 if byte_range else 200,
+        status_code=status_code,
         media_type="application/octet-stream",
         headers=headers,
     )

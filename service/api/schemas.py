@@ -90,6 +90,12 @@ class AliasSet(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION_NUMBER)
 
 
+class FileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
 class VersionOut(BaseModel):
     model: str
     version: int
@@ -109,9 +115,20 @@ class VersionOut(BaseModel):
     spec: dict[str, Any] | None = None
     # With the spec: each tensor's sha256 (versions pushed before deduplication have none).
     tensor_sha256: dict[str, str] | None = None
+    # A version pushed as a folder: the identity of its files, and (on a single version)
+    # the files themselves, each downloadable from .../files/{path}.
+    files_digest: str | None = None
+    files: list[FileOut] | None = None
 
     @classmethod
-    def of(cls, version: Version, *, aliases: list[str], with_spec: bool) -> VersionOut:
+    def of(
+        cls,
+        version: Version,
+        *,
+        aliases: list[str],
+        with_spec: bool,
+        files: list[FileOut] | None = None,
+    ) -> VersionOut:
         model = f"{version.model.namespace}/{version.model.name}"
         spec = hashes = None
         if with_spec:
@@ -141,6 +158,8 @@ class VersionOut(BaseModel):
             created_at=version.created_at,
             spec=spec,
             tensor_sha256=hashes,
+            files_digest=version.files_digest,
+            files=files,
         )
 
 

@@ -95,6 +95,9 @@ class Version(Base):
     # composed of ranges of other blobs, [[blob_digest, start, end], ...] in file order
     # (tensor-level deduplication: its tensors are stored once, wherever they first came).
     extents: Mapped[list[Any] | None] = mapped_column(default=None, deferred=True)
+    # A version pushed as a folder: sha256 of its sorted "{path}\t{sha256}\n" lines
+    # (core.repo_files.files_digest), part of its identity beside ``digest``; None otherwise.
+    files_digest: Mapped[str | None] = mapped_column(String(64), default=None)
 
     model: Mapped[Model] = relationship(back_populates="versions")
 
@@ -186,6 +189,20 @@ class BlobRef(Base):
         ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True
     )
     blob_digest: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class VersionFile(Base):
+    """A file of a version pushed as a folder, stored byte for byte as the blob ``sha256``
+    (config, tokenizer, README, the weight files themselves): gc keeps those blobs."""
+
+    __tablename__ = "version_files"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
 
 
 class StoredTensor(Base):

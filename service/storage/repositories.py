@@ -6,7 +6,19 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, text, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    delete,
+    false,
+    func,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -14,6 +26,7 @@ from sqlalchemy.orm import Session, selectinload, undefer
 
 from service.core.access import Scope
 from service.core.names import LATEST, ModelName, VersionRef
+from service.core.repo_files import FileEntry
 from service.errors import Conflict, NotFound
 from service.storage.models import (
     Adapter,
@@ -26,6 +39,7 @@ from service.storage.models import (
     StoredTensor,
     Token,
     Version,
+    VersionFile,
     utcnow,
 )
 
@@ -144,13 +158,54 @@ def next_version_number(session: Session, model: Model) -> int:
 
 
 def find_version_by_digest(session: Session, model: Model, digest: str) -> Version | None:
-    return session.scalar(
+    return session.scalar(_live_with_digest(model, digest).limit(1))
+
+
+def find_same_push(
+    session: Session, model: Model, digest: str, files_digest: str | None
+) -> Version | None:
+    """The live version a push of these weights and files (None: none) would repeat."""
+    same_files = (
+        Version.files_digest.is_(None)
+        if files_digest is None
+        else Version.files_digest == files_digest
+    )
+    return session.scalar(_live_with_digest(model, digest).where(same_files).limit(1))
+
+
+def _live_with_digest(model: Model, digest: str) -> Select[Version]:
+    return (
         select(Version)
         .options(selectinload(Version.model))
         .where(Version.model_id == model.id, Version.digest == digest, Version.deleted_at.is_(None))
         .order_by(Version.number)
-        .limit(1)
     )
+
+
+def add_version_files(session: Session, version: Version, files: Iterable[FileEntry]) -> None:
+    session.add_all(
+        VersionFile(version_id=version.id, path=f.path, size=f.size, sha256=f.sha256) for f in files
+    )
+
+
+def version_files(session: Session, version: Version) -> list[VersionFile]:
+    return list(
+        session.scalars(
+            select(VersionFile)
+            .where(VersionFile.version_id == version.id)
+            .order_by(VersionFile.path)
+        )
+    )
+
+
+def version_file(session: Session, version: Version, path: str) -> VersionFile:
+    found = session.get(VersionFile, (version.id, path))
+    if found is None:
+        raise NotFound(
+            f"version {version.number} has no file {path!r}",
+            detail={"path": path},
+        )
+    return found
 
 
 def resolve_version(
@@ -340,11 +395,12 @@ def release_lease(session: Session, lease_id: int) -> None:
 
 def blob_in_use(session: Session, digest: str, *, now: datetime) -> bool:
     """Referenced by a version (soft-deleted ones included: they can be restored), read by
-    a composed version, holding a cached fetch body, or leased."""
+    a composed version, a file of a version, holding a cached fetch body, or leased."""
     for column, key in (
         (Version.id, Version.digest),
         (BlobRef.version_id, BlobRef.blob_digest),
         (FitCacheEntry.etag, FitCacheEntry.digest),
+        (VersionFile.version_id, VersionFile.sha256),
     ):
         if session.scalar(select(column).where(key == digest).limit(1)) is not None:
             return True
@@ -358,8 +414,9 @@ def digests_in_use(session: Session, *, now: datetime) -> set[str]:
     versions = session.scalars(select(Version.digest).distinct())
     refs = session.scalars(select(BlobRef.blob_digest).distinct())
     cached = session.scalars(select(FitCacheEntry.digest).distinct())
+    files = session.scalars(select(VersionFile.sha256).distinct())
     leases = session.scalars(select(BlobLease.digest).where(BlobLease.expires_at > now))
-    return set(versions) | set(refs) | set(cached) | set(leases)
+    return set(versions) | set(refs) | set(cached) | set(files) | set(leases)
 
 
 def forget_stored_tensors(session: Session, blob_digest: str) -> None:

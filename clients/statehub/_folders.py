@@ -1,0 +1,156 @@
+"""Folders as versions (a ``save_pretrained`` output): push every file, download them back.
+
+A push hashes every file, asks which the registry lacks, uploads those (content-addressed:
+a retry or a file another version has already is free), then commits the manifest. A
+snapshot writes every file of a version into a folder, each checked against its sha256,
+written beside its place and renamed into it, so a folder never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from statehub._errors import FilesMissing, IntegrityError
+from statehub._models import Version
+
+if TYPE_CHECKING:
+    from statehub._client import Client, Progress
+
+CHUNK = 8 * 1024 * 1024
+
+
+def manifest_of(folder: Path) -> list[dict[str, Any]]:
+    """Every file under ``folder`` as ``{path, size, sha256}``; links are refused (a link
+    may point outside the folder, and a registry keeps bytes, not links)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    entries = []
+    for root, dirs, names in os.walk(folder):
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise ValueError(f"{path} is a symbolic link: push the file it points to instead")
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            if not path.is_file():
+                raise ValueError(f"{path} is not a regular file")
+            relative = path.relative_to(folder).as_posix()
+            entries.append({"path": relative, "size": path.stat().st_size, "sha256": _sha256(path)})
+    if not entries:
+        raise ValueError(f"{folder} holds no files")
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def push_folder(client: Client, model: str, folder: Path, params: dict[str, Any]) -> Version:
+    """Upload what the registry lacks, then commit; a file collected in between (gc) is
+    uploaded again once."""
+    manifest = manifest_of(folder)
+    by_sha = {entry["sha256"]: folder / entry["path"] for entry in manifest}
+    for attempt in range(2):
+        answer = client._json(
+            "POST", f"/v1/models/{model}/files/missing", json={"sha256": sorted(by_sha)}
+        )
+        for sha in answer["missing"]:
+            _upload(client, model, sha, by_sha[sha])
+        try:
+            response = client._send(
+                lambda: client._http.build_request(
+                    "POST",
+                    f"/v1/models/{model}/versions/files",
+                    params=params,
+                    json={"files": manifest},
+                    timeout=httpx.Timeout(None, connect=10.0),
+                ),
+                retry=True,  # safe: the same files return the same version
+            )
+        except FilesMissing:
+            if attempt:
+                raise
+            continue
+        try:
+            response.read()
+        finally:
+            response.close()
+        return Version.from_json(response.json(), created=response.status_code == 201)
+    raise AssertionError("unreachable")
+
+
+def _upload(client: Client, model: str, sha: str, path: Path) -> None:
+    size = path.stat().st_size
+
+    def body() -> Iterator[bytes]:
+        with open(path, "rb") as handle:
+            while block := handle.read(CHUNK):
+                yield block
+
+    response = client._send(
+        lambda: client._http.build_request(
+            "PUT",
+            f"/v1/models/{model}/files/{sha}",
+            content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            timeout=httpx.Timeout(None, connect=10.0),
+        ),
+        retry=True,  # content-addressed: storing twice is harmless
+    )
+    response.close()
+
+
+def files_of(client: Client, model: str, ref: str) -> list[dict[str, Any]]:
+    files: list[dict[str, Any]] = client._json("GET", f"/v1/models/{model}/versions/{ref}/files")
+    return files
+
+
+def download(
+    client: Client,
+    model: str,
+    ref: str,
+    path: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """One file of a version to ``dest``: resumable, written atomically, checked against
+    the sha256 the server announces (and ``sha256`` when the caller knows it)."""
+    from statehub._client import _download, _ResumableBody
+
+    stream = _ResumableBody(client, "GET", f"/v1/models/{model}/versions/{ref}/files/{path}", None)
+    _download(stream, dest, progress, verify_digest=True)
+    if sha256 is not None and stream.digest != sha256:
+        dest.unlink(missing_ok=True)
+        raise IntegrityError(f"{path}: the server served sha256 {stream.digest}, not {sha256}")
+    return dest
+
+
+def snapshot(client: Client, model: str, ref: str, folder: Path) -> Path:
+    """Every file of the version into ``folder``, byte for byte as pushed."""
+    version = client._json("GET", f"/v1/models/{model}/versions/{ref}")
+    pinned = str(version["version"])  # every file from the same version, even if ref moves
+    files = files_of(client, model, pinned)
+    if not files:
+        raise ValueError(
+            f"{model}:{pinned} was not pushed as a folder; pull it with hub.pull(ref, path)"
+        )
+    root = folder.resolve()
+    for entry in files:
+        dest = (root / entry["path"]).resolve()
+        if root not in dest.parents:  # the server validates paths; never trust a listing
+            raise ValueError(f"refusing to write {entry['path']!r} outside {folder}")
+        download(client, model, pinned, entry["path"], dest, sha256=entry["sha256"])
+    return folder
