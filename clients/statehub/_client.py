@@ -32,13 +32,18 @@ from statehub._models import Plan, Version
 from statehub._tensors import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
+    DictSink,
+    ModuleLoader,
     StreamReader,
+    TensorSink,
     dedupe_tied,
     iter_safetensors,
-    read_safetensors_stream,
+    no_values_error,
+    read_into,
     safetensors_header,
     spec_of,
     state_dict_of,
+    valueless_keys,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -214,7 +219,11 @@ class Client:
             composed = self._push_composed(model, pushable, params, progress)
             if composed is not None:
                 return composed
-        body, length = self._upload_body(obj)
+        if pushable is not None and pushable.body is not None:
+            # the host copies the dedup pass made: a module on a GPU is copied once in all
+            body, length = pushable.body, pushable.size
+        else:
+            body, length = self._upload_body(obj)
         response = self._send(
             lambda: self._http.build_request(
                 "POST",
@@ -318,7 +327,7 @@ class Client:
         return _dedup.of_safetensors_file(path)
 
     @staticmethod
-    def _upload_body(obj: Any) -> tuple[Callable[[], Iterator[bytes]], int]:
+    def _upload_body(obj: Any) -> tuple[Callable[[], Iterator[bytes | memoryview]], int]:
         if isinstance(obj, (str, Path)):
             path = Path(obj)
             if not path.is_file():
@@ -673,45 +682,90 @@ class Client:
         target: Any,
         device: str | torch.device | None = None,
         load: bool = False,
+        assign: bool = False,
         progress: Progress | None = None,
         **policy: Any,
     ) -> dict[str, torch.Tensor]:
         """A state_dict of ``ref`` fitted to ``target``, ready for a strict ``load_state_dict``.
 
+        A target on the ``meta`` device is a spec: it works wherever no key needs its
+        values. When the plan keeps target keys that have no values (on ``meta``, or a
+        spec), the fetch is planned first and refused before any weight moves.
+
         Args:
             ref: ``ns/name``, ``ns/name:3``, ``ns/name@prod`` or ``ns/name@sha256:...``.
             target: the model (or its state_dict) the weights are for. Keys the plan keeps
-                from the target are filled from the target's own state_dict; a spec or a
-                file works too when every key comes from the checkpoint.
-            device: where to place the tensors (``"cuda"``...).
-            load: also load the result into ``target`` (an ``nn.Module``), strictly.
+                from the target are filled from the target's own state_dict; a spec, a
+                file or a model on ``meta`` works too when every key comes from the
+                checkpoint.
+            device: where to place each tensor as it arrives (``"cuda"``...), so the host
+                holds about one tensor, not the whole dict. With ``load=True`` and
+                ``assign=False`` the module's tensors must already be there.
+            load: load into ``target`` (an ``nn.Module``) strictly, as the stream arrives:
+                peak memory is the model plus about one tensor. The values are copied into
+                the module's tensors (``load_state_dict`` semantics). If the transfer fails
+                midway the module holds a mix of old and new values: fetch again.
+            assign: with ``load``, the fetched tensors become the module's (on ``device``,
+                default the CPU), as ``load_state_dict(sd, assign=True)``: for a model built
+                on ``meta``. Parameters keep their ``requires_grad``; tied weights stay
+                tied. Buffers no state_dict holds (``persistent=False``) stay on ``meta``
+                with a warning naming them: the module computes those.
             progress: called with ``(bytes_received, bytes_total)`` as the stream arrives.
             **policy: ``strict``, ``head``, ``embedding``, ``on_missing``,
                 ``allow_structural``, ``allow_ops``, ``adapters``.
 
         Returns:
-            A dict of tensors in the target's key order.
+            A dict of tensors in the target's key order (with ``load``, the module's own
+            tensors after loading, as its ``state_dict()`` gives them: no copy).
 
         Raises:
             Incompatible: the policy forbids what fitting would need (``.plan`` says why).
-            NotFound, ConnectionFailed, IntegrityError.
+            StatehubError: the plan keeps keys the target has no values for
+                (``detail["keep_target"]`` names them); nothing was downloaded.
+            NotFound, ConnectionFailed, IntegrityError; TypeError / ValueError for
+            arguments that cannot work together (checked before any request).
 
         Example:
             >>> sd = hub.fetch("vision/resnet@prod", target=model, head="keep")
             >>> model.load_state_dict(sd)
+            >>> with torch.device("meta"):
+            ...     llm = LlamaForCausalLM(config)
+            >>> hub.fetch("nlp/llama@prod", target=llm, load=True, assign=True, device="cuda")
         """
+        place = torch.device(device) if device is not None else None
+        if load:
+            _check_loadable(target, assign=assign, device=place)
+        elif assign:
+            raise TypeError("assign=True loads into the target: pass load=True as well")
         model, version = split_ref(ref)
         body = {"target": spec_of(target), "policy": _policy(policy)}
+        valueless = valueless_keys(target)
+        if valueless:
+            version = self._plan_before_fetch(model, version, body, valueless)
         path = f"/v1/models/{model}/versions/{version}/fetch"
-        tensors, metadata = self._fetch_stream(_ResumableBody(self, "POST", path, body), progress)
-        state_dict = self._complete(tensors, metadata, target)
-        if device is not None:
-            state_dict = {k: v.to(device) for k, v in state_dict.items()}
+        stream = _ResumableBody(self, "POST", path, body)
         if load:
-            if not isinstance(target, torch.nn.Module):
-                raise TypeError("load=True needs the target nn.Module")
-            target.load_state_dict(state_dict, strict=True)
-        return state_dict
+            loader = ModuleLoader(target, assign=assign, device=place)
+            self._fetch_stream(stream, progress, loader)
+            loader.finish()
+            return dict(target.state_dict())
+        sink = DictSink(place)
+        metadata = self._fetch_stream(stream, progress, sink)
+        return self._complete(sink.tensors, metadata, target, place)
+
+    def _plan_before_fetch(
+        self, model: str, version: str, body: dict[str, Any], valueless: set[str]
+    ) -> str:
+        """Plan a fetch into a target without some values (on ``meta``, a spec): a plan that
+        keeps any of those keys is refused here, before a weight moves. Returns the planned
+        version's digest reference, so an alias that moves meanwhile cannot change the plan."""
+        data = self._json("POST", f"/v1/models/{model}/versions/{version}/plan", json=body)
+        plan = Plan.from_json(data["plan"], data["plan_id"])
+        if plan.verdict != "incompatible":  # the fetch answers Incompatible with its plan
+            lacking = [key for key in plan.keep_target if key in valueless]
+            if lacking:
+                raise no_values_error(lacking)
+        return f"sha256:{data['digest']}"
 
     def pull(
         self,
@@ -759,8 +813,10 @@ class Client:
         return _download(stream, Path(path), progress, verify_digest=target is None)
 
     def _fetch_stream(
-        self, stream: _ResumableBody, progress: Progress | None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        self, stream: _ResumableBody, progress: Progress | None, sink: TensorSink
+    ) -> dict[str, str]:
+        """The fetch body into ``sink`` tensor by tensor; its length and (where announced)
+        digest checked. Returns the header's metadata."""
         hasher = _BackgroundSha256()
         try:
             stream.open()
@@ -769,7 +825,7 @@ class Client:
                 chunks = hasher.wrap(chunks)
             reader = StreamReader(chunks)
             try:
-                tensors, metadata = read_safetensors_stream(reader)
+                metadata = read_into(reader, sink)
             except EOFError as exc:
                 raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
         finally:
@@ -781,26 +837,28 @@ class Client:
             )
         if stream.body_digest:
             _check_digest(stream, hasher.hexdigest())
-        return tensors, metadata
+        return metadata
 
     @staticmethod
     def _complete(
-        tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Any
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        target: Any,
+        device: torch.device | None,
     ) -> dict[str, torch.Tensor]:
         """Fill keep_target keys from the target and tied keys from their canonical key,
         in the target's key order."""
         keep = json.loads(metadata.get("statehub.keep_target", "[]"))
         tied = json.loads(metadata.get("statehub.tied", "{}"))
         if keep:
-            try:
-                own = state_dict_of(target)
-            except TypeError:
-                raise StatehubError(
-                    f"the plan keeps {len(keep)} tensor(s) from the target (e.g. {keep[0]!r}); "
-                    "pass the model or its state_dict as target to fill them"
-                ) from None
+            valueless = valueless_keys(target)
+            lacking = [key for key in keep if key in valueless]
+            if lacking:  # planned as fillable, yet the fetch's own plan keeps these
+                raise no_values_error(lacking)
+            own = state_dict_of(target)
             for key in keep:
-                tensors[key] = own[key].detach()
+                value = own[key].detach()
+                tensors[key] = value if device is None else value.to(device)
         for key, canonical in tied.items():
             tensors[key] = tensors[canonical]
         order = [t["key"] for t in spec_of(target)["tensors"]]
@@ -860,13 +918,48 @@ class _BackgroundSha256:
             self._thread.join()
 
 
-def _counted(chunks: Iterator[bytes], total: int, progress: Progress | None) -> Iterator[bytes]:
-    """``chunks`` unchanged, reporting the running byte count to ``progress``."""
+def _check_loadable(target: Any, *, assign: bool, device: torch.device | None) -> None:
+    """What ``load=True`` needs, checked before any request."""
+    if not isinstance(target, torch.nn.Module):
+        raise TypeError("load=True needs the target nn.Module")
+    if assign:
+        return
+    own = target.state_dict(keep_vars=True)
+    on_meta = [key for key, t in own.items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(
+            f"{len(on_meta)} tensor(s) of the target are on the meta device (e.g. "
+            f"{on_meta[0]!r}), which holds no values to copy into: pass assign=True"
+        )
+    if device is not None:
+        elsewhere = [key for key, t in own.items() if not _is_on(t, device)]
+        if elsewhere:
+            raise ValueError(
+                f"{len(elsewhere)} tensor(s) of the target are not on {device} (e.g. "
+                f"{elsewhere[0]!r} on {own[elsewhere[0]].device}); load=True copies into the "
+                f"module's tensors where they are: move the model there first, or pass "
+                f"assign=True to place the fetched tensors on {device}"
+            )
+
+
+def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """``cuda`` matches every GPU; ``cuda:1`` only that one."""
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
+
+
+def _counted(
+    chunks: Iterator[bytes | memoryview], total: int, progress: Progress | None
+) -> Iterator[bytes]:
+    """``chunks`` as bytes, reporting the running byte count to ``progress``.
+
+    ``bytes()`` of a bytes chunk is the chunk itself; a view (a part of a tensor, at most
+    ``STREAM_CHUNK``) is copied once, the copy h11 would otherwise make to frame it.
+    """
     done = 0
     if progress is not None:
         progress(0, total)
     for chunk in chunks:
-        yield chunk
+        yield bytes(chunk)
         done += len(chunk)
         if progress is not None:
             progress(done, total)

@@ -11,13 +11,13 @@ import hashlib
 import json
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from statehub._tensors import _contiguous_cpu, safetensors_header, tensor_bytes
+from statehub._tensors import _contiguous_cpu, iter_safetensors, safetensors_header, tensor_bytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -30,6 +30,9 @@ class Pushable:
     read: Callable[[str], bytes]  # tensor key -> its bytes
     # sha256 of the whole file, computed only when a version is composed (another pass)
     file_digest: Callable[[], str]
+    # the whole file as a stream for a plain upload, from the same host copies (a state_dict
+    # on a GPU is not copied again); None for a file, which is uploaded as it is
+    body: Callable[[], Iterator[bytes | memoryview]] | None = None
 
     @property
     def size(self) -> int:
@@ -57,7 +60,14 @@ def of_state_dict(items: list[tuple[str, torch.Tensor]]) -> Pushable:
             whole.update(tensor_bytes(tensor))
         return whole.hexdigest()
 
-    return Pushable(header, hashes, sizes, lambda k: bytes(tensor_bytes(tensors[k])), file_digest)
+    return Pushable(
+        header,
+        hashes,
+        sizes,
+        lambda k: bytes(tensor_bytes(tensors[k])),
+        file_digest,
+        body=lambda: iter_safetensors(items, header),
+    )
 
 
 def of_safetensors_file(path: Path) -> Pushable | None:

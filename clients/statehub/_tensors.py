@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import torch
+
+from statehub._errors import StatehubError
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
@@ -77,10 +80,14 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise TypeError(f"statehub cannot store tensors of dtype {dtype}") from None
 
 
-def state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
-    """The state_dict of a module, or a mapping of tensors as it is."""
+def state_dict_of(obj: Any, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of a module, or a mapping of tensors as it is.
+
+    ``keep_vars`` keeps the module's own Parameter objects (a tied weight is one object
+    under two keys: how ties are found on ``meta``, where no tensor has storage).
+    """
     if isinstance(obj, torch.nn.Module):
-        return obj.state_dict()
+        return obj.state_dict(keep_vars=keep_vars)
     if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj)
     raise TypeError(
@@ -90,19 +97,27 @@ def state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def tie_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """Keys that are the same view of one storage (a module registered twice, tied weights)."""
+    """Keys that are the same view of one storage (a module registered twice, tied weights).
+
+    A ``meta`` tensor has no storage to compare: keys holding the same tensor object are
+    tied (a module's ``state_dict(keep_vars=True)`` keeps its Parameter objects).
+    """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, t in state_dict.items():
-        if t.numel() == 0 or t.device.type == "meta":
+        if t.numel() == 0:
             continue
-        identity = (
-            t.device.type,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            tuple(t.stride()),
-            t.dtype,
-        )
+        identity: tuple[Any, ...]
+        if t.device.type == "meta":
+            identity = ("meta", id(t))
+        else:
+            identity = (
+                t.device.type,
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.dtype,
+            )
         groups.setdefault(identity, []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
 
@@ -126,7 +141,9 @@ def spec_of(target: Any) -> dict[str, Any]:
             "tensors": list(target["tensors"]),
             "tie_groups": list(target.get("tie_groups", [])),
         }
-    return spec_of_state_dict(state_dict_of(target))
+    # keep_vars: a meta module's tied weights are found by identity (shapes and dtypes come
+    # from the module; no value is read).
+    return spec_of_state_dict(state_dict_of(target, keep_vars=True))
 
 
 def spec_of_file(path: Path) -> dict[str, Any]:
@@ -307,13 +324,19 @@ def dedupe_tied(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch
     return [(k, t) for k, t in state_dict.items() if k not in skip]
 
 
-def iter_safetensors(items: list[tuple[str, torch.Tensor]], header: bytes) -> Iterator[bytes]:
-    """The file as a stream: one tensor's bytes at a time, never the whole file."""
+STREAM_CHUNK = 1024 * 1024
+
+
+def iter_safetensors(
+    items: list[tuple[str, torch.Tensor]], header: bytes
+) -> Iterator[bytes | memoryview]:
+    """The file as a stream of views of each tensor's bytes (a CPU tensor is not copied,
+    another is copied to the host one tensor at a time), in parts of ``STREAM_CHUNK``."""
     yield header
     for _, tensor in items:
         data = tensor_bytes(tensor)
-        if len(data):
-            yield bytes(data)  # one tensor copied at a time: memory O(largest tensor)
+        for start in range(0, len(data), STREAM_CHUNK):
+            yield data[start : start + STREAM_CHUNK]
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -351,17 +374,242 @@ class StreamReader:
         return bytes(out)
 
 
+Entry = tuple[str, list[int], torch.dtype]  # key, shape, dtype, in stream order
+
+
+class TensorSink(Protocol):
+    """Where a safetensors stream's tensors go, one at a time, as their bytes arrive."""
+
+    def begin(self, entries: list[Entry], metadata: dict[str, str]) -> None:
+        """The header, before any tensor byte is read: refuse here what cannot be loaded."""
+
+    def buffer(self, key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous CPU tensor of ``shape`` and ``dtype`` for the bytes of ``key``."""
+        ...
+
+    def done(self, key: str, tensor: torch.Tensor) -> None:
+        """``tensor`` (the buffer) now holds the bytes of ``key``."""
+
+
+class DictSink:
+    """Every tensor into a dict, each placed on ``device`` as it arrives (so a GPU target
+    holds one tensor on the host at a time, never the whole dict)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def begin(self, entries: list[Entry], metadata: dict[str, str]) -> None:
+        pass
+
+    def buffer(self, key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    def done(self, key: str, tensor: torch.Tensor) -> None:
+        self.tensors[key] = tensor if self.device is None else tensor.to(self.device)
+
+
+def read_into(reader: StreamReader, sink: TensorSink) -> dict[str, str]:
+    """A safetensors stream into ``sink``, each tensor read directly into the buffer the
+    sink gives; returns the header's ``__metadata__``."""
+    (length,) = struct.unpack("<Q", reader.read(8))
+    header = json.loads(reader.read(length))
+    metadata = header.pop("__metadata__", None) or {}
+    entries = [
+        (key, list(info["shape"]), TORCH_DTYPES[info["dtype"]])
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ]
+    sink.begin(entries, metadata)
+    for key, shape, dtype in entries:
+        tensor = sink.buffer(key, shape, dtype)
+        if tensor.numel():
+            reader.readinto(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        sink.done(key, tensor)
+    return metadata
+
+
 def read_safetensors_stream(
     reader: StreamReader,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors from a safetensors stream, each read directly into its own storage."""
-    (length,) = struct.unpack("<Q", reader.read(8))
-    header = json.loads(reader.read(length))
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
-        if tensor.numel():
-            reader.readinto(tensor.reshape(-1).view(torch.uint8).numpy().data)
-        tensors[key] = tensor
-    return tensors, metadata
+    sink = DictSink()
+    metadata = read_into(reader, sink)
+    return sink.tensors, metadata
+
+
+def valueless_keys(target: Any) -> set[str]:
+    """Keys of ``target`` that have no values to keep: tensors on ``meta``, or every key of
+    a spec or a file (which only describe a model)."""
+    try:
+        state_dict = state_dict_of(target)
+    except TypeError:
+        return {t["key"] for t in spec_of(target)["tensors"]}
+    return {key for key, t in state_dict.items() if t.device.type == "meta"}
+
+
+def meta_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers (persistent or not) still on ``meta``."""
+    named: list[tuple[str, torch.Tensor]] = [*module.named_parameters(remove_duplicate=False)]
+    named += module.named_buffers(remove_duplicate=False)
+    return [name for name, t in named if t.device.type == "meta"]
+
+
+class ModuleLoader:
+    """A fetch stream loaded into a module tensor by tensor, as the bytes arrive.
+
+    Peak memory is the model plus about one tensor: with ``assign=False`` the bytes land in
+    the module's own storage (a CPU tensor of the same dtype) or in one buffer copied into
+    it (``load_state_dict`` semantics: the module's tensors stay where they are, cast to
+    their dtype). With ``assign=True`` each fetched tensor, placed on ``device``, becomes the
+    module's tensor (``load_state_dict(sd, assign=True)`` semantics: a parameter keeps its
+    ``requires_grad``; keys that held one object, tied weights, get one new object). The
+    header is checked against the module strictly (missing and unexpected keys, shapes)
+    before any tensor byte is read.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, *, assign: bool, device: torch.device | None
+    ) -> None:
+        self.module = module
+        self.assign = assign
+        self.device = device
+        self._current = module.state_dict(keep_vars=True)
+        # key -> (owning module, attribute name, is a parameter), as state_dict names them;
+        # a key without a slot (a module with its own _save_to_state_dict) is loaded through
+        # load_state_dict once the stream ended.
+        self._slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
+        for prefix, owner in module.named_modules(remove_duplicate=False):
+            base = f"{prefix}." if prefix else ""
+            for name, value in owner._parameters.items():
+                if value is not None:
+                    self._slots[base + name] = (owner, name, True)
+            for name, value in owner._buffers.items():
+                if value is not None and name not in owner._non_persistent_buffers_set:
+                    self._slots[base + name] = (owner, name, False)
+        # id of a current tensor -> (the tensor, every key holding it): one replacement each
+        self._holders: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for key, value in self._current.items():
+            if key in self._slots:
+                self._holders.setdefault(id(value), (value, []))[1].append(key)
+        self._new: dict[str, torch.Tensor] = {}
+        self._others: dict[str, torch.Tensor] = {}
+        self._keep: list[str] = []
+        self._tied: dict[str, str] = {}
+
+    def begin(self, entries: list[Entry], metadata: dict[str, str]) -> None:
+        self._keep = json.loads(metadata.get("statehub.keep_target", "[]"))
+        self._tied = json.loads(metadata.get("statehub.tied", "{}"))
+        arriving = {key: shape for key, shape, _ in entries}
+        covered = set(arriving) | set(self._keep) | set(self._tied)
+        missing = sorted(set(self._current) - covered)
+        unexpected = sorted(covered - set(self._current))
+        if missing or unexpected:
+            raise ValueError(
+                f"the fetched state_dict does not fit the module: missing {missing[:5]} "
+                f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        wrong = [k for k, shape in arriving.items() if list(self._current[k].shape) != shape]
+        if wrong:
+            key = wrong[0]
+            raise ValueError(
+                f"{len(wrong)} fetched tensor(s) differ in shape from the module's, e.g. "
+                f"{key!r}: {arriving[key]} vs {list(self._current[key].shape)}"
+            )
+        kept_meta = [k for k in self._keep if self._current[k].device.type == "meta"]
+        if kept_meta:
+            raise no_values_error(kept_meta)
+
+    def buffer(self, key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        current = self._current[key]
+        if (
+            not self.assign
+            and key in self._slots
+            and type(current) in (torch.Tensor, torch.nn.Parameter)
+            and current.device.type == "cpu"
+            and current.dtype == dtype
+            and current.is_contiguous()
+        ):
+            return current.detach()  # the bytes land in the module's own storage
+        return torch.empty(shape, dtype=dtype)
+
+    def done(self, key: str, tensor: torch.Tensor) -> None:
+        current = self._current.pop(key)  # no reference kept: a replaced tensor is freed
+        if key not in self._slots:
+            self._others[key] = self._placed(tensor)
+        elif not self.assign:
+            if tensor.data_ptr() != current.data_ptr():  # not read in place
+                with torch.no_grad():
+                    current.copy_(tensor)
+        else:
+            self._replace(key, current, self._placed(tensor))
+
+    def finish(self) -> None:
+        """Tied keys, kept keys (moved to ``device`` with ``assign``) and keys without a
+        slot; warns about tensors still on ``meta`` (buffers no state_dict carries)."""
+        for key, canonical in self._tied.items():
+            current = self._current.pop(key)
+            if self.assign:
+                source = self._new.get(canonical)
+                if source is None:
+                    source = self._tensor_at(canonical)
+                self._replace(key, current, source)
+            else:
+                source = self._tensor_at(canonical)
+                if current.data_ptr() != source.data_ptr():
+                    with torch.no_grad():
+                        current.copy_(source)
+        if self.assign and self.device is not None:
+            for key in self._keep:
+                current = self._current.pop(key)
+                self._replace(key, current, self._placed(current.detach()))
+        if self._others:
+            result = self.module.load_state_dict(self._others, strict=False, assign=self.assign)
+            if result.unexpected_keys:
+                raise ValueError(f"the module took none of {result.unexpected_keys[:5]}")
+        left = meta_tensors(self.module)
+        if left:
+            warnings.warn(
+                f"{len(left)} tensor(s) of the module are still on the meta device "
+                f"(e.g. {left[:3]}): they are not in its state_dict (buffers registered with "
+                "persistent=False, computed by the module), so no checkpoint has them; "
+                "rebuild or recompute them off meta",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.device is None else tensor.to(self.device)
+
+    def _tensor_at(self, key: str) -> torch.Tensor:
+        owner, name, is_param = self._slots[key]
+        tensor = (owner._parameters if is_param else owner._buffers)[name]
+        assert tensor is not None  # slots are only made for tensors that are set
+        return tensor
+
+    def _replace(self, key: str, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Every slot holding ``old`` (tied keys share one) gets ``new`` (as a Parameter
+        with ``old``'s requires_grad where ``old`` was one)."""
+        if isinstance(old, torch.nn.Parameter) and not isinstance(new, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        _, keys = self._holders.pop(id(old), (old, [key]))
+        for held in keys:
+            owner, name, is_param = self._slots[held]
+            # A parameter tied to a buffer (rare) shares its storage, not its object.
+            if is_param:
+                if not isinstance(new, torch.nn.Parameter):
+                    new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                owner._parameters[name] = new
+            else:
+                owner._buffers[name] = new.detach() if isinstance(new, torch.nn.Parameter) else new
+            self._new[held] = new
+
+
+def no_values_error(keys: list[str]) -> StatehubError:
+    """The plan keeps ``keys`` from a target that has no values for them."""
+    return StatehubError(
+        f"the plan keeps {len(keys)} tensor(s) from the target (e.g. {keys[:5]}), but the "
+        "target has no values for them (on the meta device, or a spec): fetch a checkpoint "
+        "that covers them, or pass a target that holds them (a model or its state_dict "
+        "built off meta)",
+        detail={"keep_target": keys},
+    )
