@@ -473,7 +473,7 @@ def _metadata_callback(
 
 @main.command()
 @click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
 @click.option("--alias", "-a", help="Also point this alias (e.g. prod) at the new version.")
 @click.option(
     "--metadata",
@@ -494,8 +494,23 @@ def push(
     ema: bool,
     as_json: bool,
 ) -> None:
-    """Upload FILE (.safetensors/.pth/.pt/.bin/.ckpt) as the next version of NAME."""
+    """Upload FILE (.safetensors/.pth/.pt/.bin/.ckpt) as the next version of NAME.
+
+    FILE may be a folder (a save_pretrained output): every file is kept byte for byte, and
+    its weights (one .safetensors, an index and its shards, or one torch file) are planned.
+    """
     settings = _settings(ctx)
+    if file.is_dir():
+        if ema:
+            raise click.UsageError("--ema applies to a training snapshot file, not a folder")
+        version = settings.client().push_folder(name, file, alias=alias, metadata=metadata)
+        if as_json:
+            _echo_json(dataclasses.asdict(version))
+        elif settings.quiet:
+            click.echo(version.ref)
+        else:
+            click.echo(f"{_pushed_line(version)}; {len(version.files or [])} files")
+        return
     with _progress_bar(settings, f"push {file.name}") as progress:
         version = settings.client().push(
             name, file, alias=alias, metadata=metadata, ema=ema, progress=progress
@@ -531,15 +546,37 @@ def _pushed_line(version: Version) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write (default NAME-VERSION.safetensors).",
 )
+@click.option(
+    "--files",
+    "files_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write every file of a version pushed as a folder into this folder, as pushed.",
+)
 @policy_options
 @click.pass_context
-def pull(ctx: click.Context, ref: str, target: Any, output: Path | None, **kwargs: Any) -> None:
+def pull(
+    ctx: click.Context,
+    ref: str,
+    target: Any,
+    output: Path | None,
+    files_dir: Path | None,
+    **kwargs: Any,
+) -> None:
     """Save REF as a safetensors file, fitted to --target (or as stored without one).
 
     The fitted file's metadata carries the plan (statehub.plan) and the keys the target
-    keeps (statehub.keep_target), which it does not contain.
+    keeps (statehub.keep_target), which it does not contain. With --files DIR, the files of
+    a version pushed as a folder, byte for byte, each sha256-checked.
     """
     settings = _settings(ctx)
+    if files_dir is not None:
+        if target is not None or output is not None:
+            raise click.UsageError("--files writes the folder as pushed: no --target or --output")
+        client = settings.client()
+        client.snapshot(ref, files_dir)
+        count = len(client.files(ref))
+        click.echo(str(files_dir) if settings.quiet else f"wrote {count} files to {files_dir}")
+        return
     policy = _policy(kwargs)
     if target is None and policy:
         raise click.UsageError("policy options need --target")

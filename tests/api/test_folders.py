@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from statehub import Client, FilesMissing, InvalidCheckpoint, InvalidRequest
 from tests._server import ServerProcess
+from tests.client.test_cli import cli
 
 CONFIG = LlamaConfig(
     vocab_size=128,
@@ -312,3 +313,16 @@ def test_errors_the_client_raises(hub: Client, ns: str, tmp_path: Path) -> None:
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     with pytest.raises(InvalidCheckpoint, match=r"model\.safetensors"):
         hub.push_folder(f"{ns}/m", bad)
+
+
+def test_the_cli_pushes_a_folder_and_pulls_its_files(
+    server: ServerProcess, ns: str, tmp_path: Path
+) -> None:
+    folder = saved(llama(11), tmp_path / "cli", max_shard_size="40KB")
+    pushed = cli(server, "push", f"{ns}/cli", str(folder))
+    assert pushed.exit_code == 0, pushed.output
+    assert f"pushed {ns}/cli:1" in pushed.output and f"{len(tree(folder))} files" in pushed.output
+    pulled = cli(server, "pull", f"{ns}/cli", "--files", str(tmp_path / "out"))
+    assert pulled.exit_code == 0, pulled.output
+    assert f"wrote {len(tree(folder))} files" in pulled.output
+    assert tree(tmp_path / "out") == tree(folder)
