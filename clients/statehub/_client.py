@@ -320,7 +320,7 @@ class Client:
         if ema:
             return None
         if not isinstance(obj, (str, Path)):
-            return _dedup.of_state_dict(dedupe_tied(state_dict_of(obj)))
+            return _dedup.of_state_dict(_items_to_push(obj))
         path = Path(obj)
         if path.suffix not in SAFETENSORS_SUFFIXES or not path.is_file():
             return None
@@ -343,7 +343,7 @@ class Client:
                         yield chunk
 
             return from_file, path.stat().st_size
-        items = dedupe_tied(state_dict_of(obj))
+        items = _items_to_push(obj)
         header = safetensors_header(items)
         length = len(header) + sum(t.numel() * t.element_size() for _, t in items)
         return (lambda: iter_safetensors(items, header)), length
@@ -916,6 +916,19 @@ class _BackgroundSha256:
             self._flush()
             self._queue.put(None)
             self._thread.join()
+
+
+def _items_to_push(obj: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a module or state_dict to write, tied keys once; a tensor on ``meta``
+    (no values) is refused before any request."""
+    state_dict = state_dict_of(obj)
+    on_meta = [key for key, t in state_dict.items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(
+            f"{len(on_meta)} tensor(s) to push are on the meta device and have no values "
+            f"(e.g. {on_meta[:3]}): load or initialize the weights first"
+        )
+    return dedupe_tied(state_dict)
 
 
 def _check_loadable(target: Any, *, assign: bool, device: torch.device | None) -> None:

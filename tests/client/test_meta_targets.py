@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from statehub import Client, StatehubError, _tensors, spec_of
+from statehub import Client, NotFound, StatehubError, _dedup, _tensors, spec_of
 from tests import _metrics
 from tests._models import seeded
 from tests._server import ServerProcess
@@ -78,7 +78,8 @@ def test_meta_built_llama_loads_with_assign_and_gives_the_source_logits(
 
     spec = spec_of(target)  # shapes and dtypes from the module, ties by identity
     assert spec["tie_groups"] == ([["model.embed_tokens.weight", "lm_head.weight"]] if tie else [])
-    assert hub.plan(f"{ns}/llama", target=target).keep_target == []
+    plan = hub.plan(f"{ns}/llama", target=target)
+    assert plan.verdict in ("exact", "adapted") and plan.keep_target == []
 
     # The rotary frequencies are buffers with persistent=False: in no state_dict, so no
     # checkpoint has them; the client names them and the module computes them.
@@ -109,9 +110,12 @@ def test_meta_built_gpt2_loads_with_assign_and_gives_the_source_logits(
     with torch.device("meta"):
         target = GPT2LMHeadModel(gpt2_config())
 
-    hub.fetch(f"{ns}/gpt2", target=target, load=True, assign=True)  # no buffer on meta: no warning
+    # Each tensor placed on the device as it arrives (the code path device="cuda" takes; no
+    # GPU here). GPT-2 has no buffer outside its state_dict: no warning.
+    hub.fetch(f"{ns}/gpt2", target=target, load=True, assign=True, device="cpu")
 
     assert on_meta(target) == []
+    assert {p.device.type for p in target.parameters()} == {"cpu"}
     assert target.lm_head.weight is target.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(target.eval()(tokens(256)).logits, source(tokens(256)).logits)
@@ -187,6 +191,15 @@ def test_arguments_that_cannot_load_are_refused_before_any_request(
     assert meta.weight.is_meta
 
 
+def test_a_meta_module_cannot_be_pushed(hub: Client, ns: str) -> None:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(tie=True))
+    with pytest.raises(ValueError, match="meta device and have no values"):
+        hub.push(f"{ns}/llama", model)
+    with pytest.raises(NotFound):
+        hub.get_model(f"{ns}/llama")
+
+
 def test_load_writes_into_the_module_s_own_storage(hub: Client, ns: str) -> None:
     seeded(4)
     source = LlamaForCausalLM(llama_config(tie=True)).eval()
@@ -194,7 +207,7 @@ def test_load_writes_into_the_module_s_own_storage(hub: Client, ns: str) -> None
     target = LlamaForCausalLM(llama_config(tie=True))
     params = {n: (p, p.data_ptr()) for n, p in target.named_parameters()}
 
-    hub.fetch(f"{ns}/llama", target=target, load=True)
+    hub.fetch(f"{ns}/llama", target=target, load=True, device="cpu")  # where the model is
 
     for name, (param, pointer) in params.items():  # the same objects, the same storage
         now = target.get_parameter(name)
@@ -271,8 +284,6 @@ def test_push_from_an_accelerator_copies_each_tensor_to_the_host_once(
         if out.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
             copies.append(str(tuple(tensor.shape)))
         return out
-
-    from statehub import _dedup
 
     monkeypatch.setattr(_tensors, "_contiguous_cpu", counting)
     monkeypatch.setattr(_dedup, "_contiguous_cpu", counting)
