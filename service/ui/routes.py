@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import fitting, registry
 from service.api.deps import (
+    BlobStoreDep,
     Caller,
     ModelNameDep,
     PrincipalDep,
@@ -258,11 +259,13 @@ def version_page(
     ref: VersionRefDep,
     session: SessionDep,
     caller: PrincipalDep,
+    blobs: BlobStoreDep,
     q: str = Query(default="", max_length=1024),
     page: int = Query(default=1, ge=1, le=10**6),
 ) -> HTMLResponse:
     version = _readable_version(session, caller, name, ref)
     aliases = repo.aliases_by_version(session, version.model).get(version.id, [])
+    files = repo.version_files(session, version)
     every = views.tensor_rows(version.spec["tensors"])
     shown = views.filter_rows(every, q)
     pages = views.paginate(len(shown), page, TENSORS_PER_PAGE)
@@ -282,6 +285,8 @@ def version_page(
         page_query=lambda n: urlencode({**query, "page": n}),
         summary=views.ingest_summary(version.ingest or {}),
         tie_groups=version.spec.get("tie_groups", []),
+        files=files,
+        previews=views.text_previews(files, blobs.read_range),
     )
 
 

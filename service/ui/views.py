@@ -7,7 +7,7 @@ comes back. Kept apart so the grouping, paging and plan colouring are testable o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -348,3 +348,31 @@ def ingest_summary(report: Mapping[str, Any]) -> list[str]:
     if report.get("snapshot"):
         facts.append("training snapshot: " + ", ".join(map(str, report["snapshot"])))
     return facts
+
+
+# -- files of a version pushed as a folder ---------------------------------------------------
+
+PREVIEWED = ("readme.md", "config.json")  # shown as text on the version page, in this order
+PREVIEW_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Preview:
+    path: str
+    text: str
+    truncated: bool
+
+
+def text_previews(files: Sequence[Any], read: Callable[[str, int, int], bytes]) -> list[Preview]:
+    """The README and config of a folder version as text (the template escapes it), at most
+    ``PREVIEW_BYTES`` of each; ``read(sha256, start, end)`` reads a stored blob."""
+    by_name = {f.path.casefold(): f for f in files if "/" not in f.path}
+    previews = []
+    for name in PREVIEWED:
+        entry = by_name.get(name)
+        if entry is None:
+            continue
+        data = read(entry.sha256, 0, min(entry.size, PREVIEW_BYTES))
+        text = data.decode("utf-8", errors="replace")
+        previews.append(Preview(entry.path, text, entry.size > PREVIEW_BYTES))
+    return previews

@@ -9,6 +9,7 @@ stable code and leave nothing behind.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 from pathlib import Path
@@ -326,3 +327,19 @@ def test_the_cli_pushes_a_folder_and_pulls_its_files(
     assert pulled.exit_code == 0, pulled.output
     assert f"wrote {len(tree(folder))} files" in pulled.output
     assert tree(tmp_path / "out") == tree(folder)
+
+
+def test_the_version_page_lists_the_files_and_shows_readme_and_config(
+    server: ServerProcess, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    folder = saved(llama(12), tmp_path / "ui")
+    (folder / "README.md").write_text("# tiny\n<script>alert('x')</script>\n")
+    hub.push_folder(f"{ns}/ui", folder)
+    page = httpx.get(f"{server.url}/ui/models/{ns}/ui/versions/1", timeout=30)
+    assert page.status_code == 200
+    for path in tree(folder):
+        assert f'<td class="key">{path}</td>' in page.text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page.text  # shown, escaped
+    assert "<script>alert('x')" not in page.text
+    assert '"hidden_size": 32' in html.unescape(page.text)  # config.json, as text
+    assert page.text.count('class="preview"') == 2  # README.md and config.json
