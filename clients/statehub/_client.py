@@ -187,8 +187,9 @@ class Client:
 
         Args:
             name: ``namespace/name`` (namespace ``default`` if omitted).
-            obj: an ``nn.Module``, a dict of tensors, or a path to a .safetensors /
-                .pth / .pt / .bin file (training snapshots are unpacked by the server).
+            obj: an ``nn.Module``, a dict of tensors, a path to a .safetensors /
+                .pth / .pt / .bin file (training snapshots are unpacked by the server), or
+                a folder (``save_pretrained`` output: see :meth:`push_folder`).
             alias: also point this alias (e.g. ``prod``) at the new version.
             metadata: JSON-able data kept with the version.
             ema: take the EMA weights of a training snapshot instead of the raw ones.
@@ -208,6 +209,10 @@ class Client:
             >>> v.ref
             'vision/resnet:1'
         """
+        if isinstance(obj, (str, Path)) and Path(obj).expanduser().is_dir():
+            if ema:
+                raise ValueError("ema applies to a training snapshot file, not a folder")
+            return self.push_folder(name, obj, alias=alias, metadata=metadata)
         model, _ = split_ref(name)
         params: dict[str, Any] = {"ema": str(ema).lower()}
         if alias:

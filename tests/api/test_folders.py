@@ -82,7 +82,7 @@ def test_a_save_pretrained_folder_round_trips_and_loads_with_equal_outputs(
     weight_files = sorted(folder.glob("*.safetensors"))
     assert len(weight_files) == shards
 
-    version = hub.push_folder(f"{ns}/llama", folder, alias="prod")
+    version = hub.push(f"{ns}/llama", folder, alias="prod")  # a folder: push_folder
     assert version.created and version.aliases == ["latest", "prod"]
     pushed = {f["path"]: f for f in version.files or []}
     assert pushed.keys() == tree(folder).keys()
