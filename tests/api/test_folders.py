@@ -343,3 +343,19 @@ def test_the_version_page_lists_the_files_and_shows_readme_and_config(
     assert "<script>alert('x')" not in page.text
     assert '"hidden_size": 32' in html.unescape(page.text)  # config.json, as text
     assert page.text.count('class="preview"') == 2  # README.md and config.json
+
+
+def test_a_folder_file_over_the_json_body_limit_uploads(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    # PUT files/{sha256} carries raw bytes: bounded by STATEHUB_MAX_UPLOAD_BYTES, not by the
+    # 32 MiB JSON body limit that once broke every LLM fine-tune push.
+    folder = tmp_path / "big"
+    folder.mkdir()
+    big = torch.randn(10 * 1024 * 1024, generator=torch.Generator().manual_seed(13))  # 40 MiB
+    save_file({"w": big}, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    version = hub.push(f"{ns}/big", folder)
+    assert version.size > 32 * 1024 * 1024
+    fetched = hub.fetch(f"{ns}/big", target={"w": torch.empty_like(big)})
+    assert torch.equal(fetched["w"], big)
