@@ -568,11 +568,15 @@ class ModuleLoader:
                 raise ValueError(f"the module took none of {result.unexpected_keys[:5]}")
         left = meta_tensors(self.module)
         if left:
+            owners = {name.rpartition(".")[0] for name in left}
+            named = sorted(
+                f"{o or '(root)'} ({type(self.module.get_submodule(o)).__name__})" for o in owners
+            )
             warnings.warn(
                 f"{len(left)} tensor(s) of the module are still on the meta device "
-                f"(e.g. {left[:3]}): they are not in its state_dict (buffers registered with "
-                "persistent=False, computed by the module), so no checkpoint has them; "
-                "rebuild or recompute them off meta",
+                f"(e.g. {left[:3]}): they are in no state_dict (buffers registered with "
+                "persistent=False, computed by their module), so no checkpoint has them; "
+                f"rebuild the module(s) holding them off meta: {', '.join(named[:5])}",
                 UserWarning,
                 stacklevel=3,
             )

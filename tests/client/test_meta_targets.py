@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tests import _metrics
 from tests._models import seeded
 from tests._server import ServerProcess
 from tests.client import _fetch_peak
+from tests.client.test_client import CuttingProxy
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -83,8 +85,9 @@ def test_meta_built_llama_loads_with_assign_and_gives_the_source_logits(
 
     # The rotary frequencies are buffers with persistent=False: in no state_dict, so no
     # checkpoint has them; the client names them and the module computes them.
-    with pytest.warns(UserWarning, match=ROTARY):
+    with pytest.warns(UserWarning, match=ROTARY) as warned:
         sd = hub.fetch(f"{ns}/llama", target=target, load=True, assign=True)
+    assert "model.rotary_emb (LlamaRotaryEmbedding)" in str(warned[0].message)
     target.model.rotary_emb = type(target.model.rotary_emb)(cfg)
 
     assert on_meta(target) == []
@@ -189,6 +192,33 @@ def test_arguments_that_cannot_load_are_refused_before_any_request(
         hub.fetch(f"{ns}/lin", target=nn.Linear(4, 3).state_dict(), load=True)
     assert fetched_bytes(server) == before
     assert meta.weight.is_meta
+
+
+@pytest.mark.parametrize("assign", [True, False], ids=["meta-assign", "in-place"])
+def test_a_load_cut_midway_resumes_and_loads_every_tensor(
+    hub: Client, server: ServerProcess, ns: str, assign: bool
+) -> None:
+    seeded(8)
+    cfg = llama_config(tie=True)
+    source = LlamaForCausalLM(cfg).eval()
+    hub.push(f"{ns}/llama", source)
+    if assign:
+        with torch.device("meta"):
+            target = LlamaForCausalLM(cfg)
+    else:
+        target = LlamaForCausalLM(cfg)
+    proxy = CuttingProxy(server.url, cut_after=200_000)  # inside the tensors (a 362 KB body)
+    try:
+        with Client(proxy.url, retries=1) as client, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*still on the meta device")
+            client.fetch(f"{ns}/llama", target=target, load=True, assign=assign)
+    finally:
+        proxy.close()
+    resumed = [proxy.headers(i).get("range") for i in range(len(proxy.requests))]
+    assert any(r and r.startswith("bytes=") for r in resumed), resumed
+    target.model.rotary_emb = type(target.model.rotary_emb)(cfg)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(tokens(256)).logits, source(tokens(256)).logits)
 
 
 def test_a_meta_module_cannot_be_pushed(hub: Client, ns: str) -> None:
