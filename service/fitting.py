@@ -8,9 +8,11 @@ that must be decoded and transformed. Memory stays O(largest transformed tensor)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import mmap
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ _CONSTANT_PRESERVING = frozenset({"cast", "reshape", "transpose"})
 # Part of the ETag: a body laid out differently (here: tensors in stored order) is another
 # body, so no resumed range mixes bytes of two layouts.
 BODY_LAYOUT = "stored-order"
+# Pieces in which one part is read into its buffer.
+_PART_CHUNK = 1024 * 1024
 
 
 # -- planning ---------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def iter_layout(
     end: int,
     chunk: int,
     gap: int = 1024 * 1024,
-    part: int = 16 * 1024 * 1024,
+    part: int = 8 * 1024 * 1024,
     in_flight: int = 4,
 ) -> Iterator[bytes | memoryview]:
     """The bytes [start, end) of the fetch body, in body order.
@@ -348,18 +352,28 @@ class PartReader:
         self._reads = reads
         self._in_flight = max(1, in_flight)
         self._pool: ThreadPoolExecutor | None = None
-        self._parts: dict[int, Future[bytes]] = {}
+        self._parts: dict[int, Future[memoryview]] = {}
         self._submitted = 0  # reads [0, submitted) were asked for
         self._released = 0  # reads below this were dropped
 
-    def _read(self, index: int) -> bytes:
+    def _read(self, index: int) -> memoryview:
+        """One ranged read streamed into an anonymous map of its own: writable, so a tensor
+        decodes from it without a copy, and unmapped as soon as its last view goes."""
         read = self._reads[index]
-        data = self._blobs.read_range(self._digest, read.start, read.end)
-        if len(data) != read.length:
+        buffer = memoryview(mmap.mmap(-1, read.length))
+        filled = 0
+        stream = self._blobs.iter_range(self._digest, read.start, read.end, _PART_CHUNK)
+        with contextlib.closing(stream):  # type: ignore[type-var]
+            for piece in stream:
+                if filled + len(piece) > read.length:
+                    break
+                buffer[filled : filled + len(piece)] = piece
+                filled += len(piece)
+        if filled != read.length:
             raise StorageError(f"blob {self._digest} ended before byte {read.end}")
-        return data
+        return buffer
 
-    def part(self, index: int) -> bytes:
+    def part(self, index: int) -> memoryview:
         """Read ``index``'s bytes, once it has arrived; later reads are asked for."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._in_flight, thread_name_prefix="fetch-read")
@@ -376,23 +390,23 @@ class PartReader:
         for index in range(piece.first_read, piece.last_read + 1):
             read = self._reads[index]
             lo, hi = max(span[0], read.start), min(span[1], read.end)
-            yield from _pieces(
-                memoryview(self.part(index))[lo - read.start : hi - read.start], chunk
-            )
+            yield from _pieces(self.part(index)[lo - read.start : hi - read.start], chunk)
             self.release(min(index + 1, keep))
 
-    def gather(self, piece: layout_rules.Slice) -> bytearray:
-        """The whole source tensor of a transformed slice, in a buffer of its own."""
+    def gather(self, piece: layout_rules.Slice) -> bytearray | memoryview:
+        """The whole source tensor of a transformed slice: a view of its part when it lies
+        in one, else a buffer of its own."""
         span = piece.span
         if span is None:
             return bytearray()
+        if piece.first_read == piece.last_read:
+            read = self._reads[piece.first_read]
+            return self.part(piece.first_read)[span[0] - read.start : span[1] - read.start]
         out = bytearray(span[1] - span[0])
         for index in range(piece.first_read, piece.last_read + 1):
             read = self._reads[index]
             lo, hi = max(span[0], read.start), min(span[1], read.end)
-            out[lo - span[0] : hi - span[0]] = memoryview(self.part(index))[
-                lo - read.start : hi - read.start
-            ]
+            out[lo - span[0] : hi - span[0]] = self.part(index)[lo - read.start : hi - read.start]
         return out
 
     def release(self, below: int) -> None:
@@ -440,7 +454,7 @@ def stream_fetch(
         metrics.FETCHES_IN_FLIGHT.dec()
 
 
-def transform(segment: Transformed, raw: bytearray) -> memoryview:
+def transform(segment: Transformed, raw: bytearray | memoryview) -> memoryview:
     """Decode one source tensor from its stored bytes, apply its ops, return the target's
     raw bytes."""
     metrics.TENSORS_DECODED.inc()
@@ -455,7 +469,7 @@ def transform(segment: Transformed, raw: bytearray) -> memoryview:
     return tensor_bytes(result)  # a view of the result: no copy on the way out
 
 
-def decode(raw: bytearray, spec: TensorSpec) -> torch.Tensor:
+def decode(raw: bytearray | memoryview, spec: TensorSpec) -> torch.Tensor:
     """A tensor over ``raw`` without a copy; ops build new tensors from it."""
     dtype = ops.TORCH_DTYPES[spec.dtype]
     if spec.numel == 0:
@@ -472,7 +486,7 @@ class FetchResult:
     partial: bool
     # How the body's stored bytes are read (``iter_layout``; the fetch_read_* settings).
     read_gap: int = 1024 * 1024
-    read_part: int = 16 * 1024 * 1024
+    read_part: int = 8 * 1024 * 1024
     reads_in_flight: int = 4
 
 

@@ -36,7 +36,8 @@ KiB = 1024
 
 
 class CountingStore(LocalBlobStore):
-    """The real local store, recording every read it is asked for and how many overlap."""
+    """The real local store, recording every read it is asked for (``read_range`` in
+    ``reads``, ``iter_range`` in ``streams``) and how many streams overlap."""
 
     def __init__(self, root: Path, *, delay: float = 0.0) -> None:
         super().__init__(root)
@@ -49,20 +50,26 @@ class CountingStore(LocalBlobStore):
     def read_range(self, digest: str, start: int, end: int) -> bytes:
         with self._lock:
             self.reads.append((start, end))
-            self.active += 1
-            self.most_active = max(self.most_active, self.active)
-        try:
-            if self.delay:
-                time.sleep(self.delay)
-            return super().read_range(digest, start, end)
-        finally:
-            with self._lock:
-                self.active -= 1
+        return super().read_range(digest, start, end)
 
     def iter_range(self, digest: str, start: int, end: int, chunk_size: int) -> Any:
         with self._lock:
             self.streams.append((start, end))
-        return super().iter_range(digest, start, end, chunk_size)
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        if self.delay:
+            time.sleep(self.delay)
+        stream = super().iter_range(digest, start, end, chunk_size)
+
+        def counted() -> Any:
+            try:
+                yield from stream
+            finally:
+                stream.close()
+                with self._lock:
+                    self.active -= 1
+
+        return counted()
 
     @property
     def requests(self) -> int:
@@ -172,7 +179,7 @@ def test_a_rename_only_fetch_of_320_tensors_reads_a_part_at_a_time(
     bound = math.ceil(data_bytes(version) / part) + 2
     assert store.requests <= bound, (store.requests, bound)
     # The stored bytes were read once each: nothing twice, nothing but the data.
-    assert sum(e - s for s, e in store.reads) == data_bytes(version)
+    assert sum(e - s for s, e in store.streams) == data_bytes(version)
 
 
 def test_a_head_reset_and_cast_fetch_decodes_from_the_parts_read(
@@ -213,13 +220,13 @@ def test_reads_overlap_up_to_in_flight_and_no_further(store: CountingStore, tmp_
     )
     next(pieces)  # the header
     next(pieces)  # the first stored bytes: the pool has started
-    asked_early = len(store.reads)
+    asked_early = len(store.streams)
     rest = b"".join(bytes(p) for p in pieces)
 
     assert rest
     assert 2 <= store.most_active <= 3
     # Bounded read-ahead: one part handed out, at most in_flight asked for.
-    assert asked_early <= 3 < len(store.reads)
+    assert asked_early <= 3 < len(store.streams)
 
 
 # -- ranges, resumes, edges -------------------------------------------------------------
@@ -318,7 +325,7 @@ def test_a_range_inside_one_tensor_reads_only_its_part(
     # The body's copied b.weight follows a.weight (8 KiB as fp32) and a.count (8 bytes).
     start = header + 8192 + 8 + 100
     body(layout, store, version.digest, start, start + 50, part=1000, gap=0)
-    assert len(store.reads) == 1 and store.reads[0][1] - store.reads[0][0] == 50
+    assert len(store.streams) == 1 and store.streams[0][1] - store.streams[0][0] == 50
 
 
 def test_a_passthrough_is_one_stream_of_the_range(store: CountingStore, tmp_path: Path) -> None:
