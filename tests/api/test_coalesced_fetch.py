@@ -6,9 +6,6 @@ bytes read, not by the tensor count (counted by a loopback proxy in front of mot
 from __future__ import annotations
 
 import math
-import re
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from statehub import Client
-from tests._proxy import TcpProxy, _close
+from tests._counting import CountingProxy
 from tests._server import ServerProcess
 from tests._services import MotoServer
 from tests._shapes import resnet50_like
@@ -26,7 +23,6 @@ from tests.conftest import postgres_s3_server
 KiB = 1024
 PART = 256 * KiB
 WIDTH = 16  # ResNet-50 at a quarter of its width: 320 tensors, 8 MB in fp32
-REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/\S*) HTTP/1\.1\r\n")
 
 
 def push_file(hub: Client, ref: str, sd: dict[str, torch.Tensor], where: Path) -> str:
@@ -74,42 +70,6 @@ def test_rename_only_and_cast_fetches_of_320_tensors(
 
 
 # -- S3 requests, counted -------------------------------------------------------------------
-
-
-class CountingProxy(TcpProxy):
-    """A ``TcpProxy`` that keeps the request lines sent upstream (method and path)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self._sent: list[bytearray] = []
-        self._record_lock = threading.Lock()
-        super().__init__(target)
-
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            upstream = sink.getpeername() == self.target
-        except OSError:
-            upstream = False
-        if not upstream:
-            super()._pipe(source, sink)
-            return
-        record = bytearray()
-        with self._record_lock:
-            self._sent.append(record)
-        try:
-            while data := source.recv(65536):
-                record += data
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _close(source)
-            _close(sink)
-
-    def requests(self, digest: str) -> list[bytes]:
-        """Methods of the requests sent so far for the blob named ``digest``."""
-        with self._record_lock:
-            sent = b"\n".join(bytes(r) for r in self._sent)
-        return [m.group(1) for m in REQUEST.finditer(sent) if digest.encode() in m.group(2)]
 
 
 @pytest.fixture(scope="module")
