@@ -29,6 +29,7 @@ from service.fitting import FetchLayout, iter_layout, layout_fetch, source_spec
 from service.integrity import BlobCorrupted, VerifiedBlob
 from service.settings import Settings
 from service.storage.blobs import LocalBlobStore
+from service.storage.composed import ComposedBlob, Extent
 from service.storage.models import Model, Version
 from tests._shapes import resnet50_like, spec_json
 
@@ -371,3 +372,35 @@ def test_a_blob_cut_short_is_a_storage_error_not_a_short_body(
     path.write_bytes(path.read_bytes()[:-150])
     with pytest.raises(StorageError):
         body(layout, store, version.digest, part=1000)
+
+
+# -- a deduplicated (composed) version --------------------------------------------------------
+
+
+def test_a_composed_version_is_read_with_a_request_per_blob_not_per_extent(
+    store: CountingStore, tmp_path: Path
+) -> None:
+    """A deduplicated push alternates between its own blob (header, tiny tensors) and the
+    blob it shares large tensors with: 80 extents, read as 2 requests."""
+    generator = torch.Generator().manual_seed(5)
+    shared = bytes(torch.randint(0, 256, (200_000,), generator=generator, dtype=torch.uint8))
+    own = bytes(torch.randint(0, 256, (8_000,), generator=generator, dtype=torch.uint8))
+    digests = []
+    for number, data in enumerate((shared, own)):
+        path = tmp_path / f"blob{number}"
+        path.write_bytes(data)
+        digests.append(hashlib.sha256(data).hexdigest())
+        store.put_file(digests[-1], path)
+    extents, expected = [], b""
+    for i in range(40):  # own 100 bytes, then 2,000 shared bytes 48 bytes past the last
+        extents.append(Extent(digests[1], i * 100, i * 100 + 100))
+        extents.append(Extent(digests[0], i * 2048, i * 2048 + 2000))
+        expected += own[i * 100 : i * 100 + 100] + shared[i * 2048 : i * 2048 + 2000]
+    composed = ComposedBlob(store, "composed", extents)
+
+    assert composed.read_range("composed", 0, composed.size) == expected
+    assert len(store.reads) == 2
+    assert composed.read_range("composed", 150, 5000) == expected[150:5000]
+    streamed = b"".join(composed.iter_range("composed", 10, composed.size, 999))
+    assert streamed == expected[10:]
+    assert store.requests == 6  # two per range asked for
