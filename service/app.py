@@ -16,9 +16,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
-from service.api import adapters, admin, files, fitting, models, tensors, tokens
+from service.api import adapters, admin, files, fitting, hub, models, tensors, tokens
 from service.api.bodies import takes_raw_body
-from service.errors import StatehubError, StorageError, TooLarge
+from service.errors import HubNotFound, StatehubError, StorageError, TooLarge
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
 from service.storage import db as database
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fitting.router)
     app.include_router(tensors.router)
     app.include_router(files.router)
+    app.include_router(hub.router)
     app.include_router(adapters.router)
     app.include_router(tokens.router)
     app.include_router(admin.router)
@@ -144,7 +145,13 @@ def _add_error_handlers(app: FastAPI) -> None:
             metrics.STORAGE_ERRORS.inc(exc.code)
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
-        return error_response(request, exc.status, exc.code, exc.message, exc.detail)
+        response = error_response(request, exc.status, exc.code, exc.message, exc.detail)
+        if isinstance(exc, HubNotFound):  # the Hub's clients read their own error codes
+            response.headers["X-Error-Code"] = exc.hub_code
+            response.headers["X-Error-Message"] = exc.message.encode("ascii", "replace").decode()
+            if exc.commit:
+                response.headers["X-Repo-Commit"] = exc.commit
+        return response
 
     @app.exception_handler(ClientDisconnect)
     async def client_disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:

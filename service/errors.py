@@ -82,6 +82,24 @@ class NotFound(StatehubError, LookupError):
     status = 404
 
 
+class HubNotFound(NotFound):
+    """A miss on the Hugging Face Hub protocol (``/hf``): ``hub_code`` (``RepoNotFound``,
+    ``RevisionNotFound``, ``EntryNotFound``) is the ``X-Error-Code`` the Hub's clients turn
+    into their own errors; ``commit`` lets them cache a missing file under its revision."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hub_code: str,
+        commit: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.hub_code = hub_code
+        self.commit = commit
+
+
 class Conflict(StatehubError):
     code = "conflict"
     status = 409

@@ -1,0 +1,148 @@
+"""The Hugging Face Hub protocol's read side (``HF_ENDPOINT=<statehub>/hf``), through the real
+clients: huggingface_hub's snapshot_download and hf_hub_download, transformers'
+from_pretrained, each in a fresh process with its own cache, on both backends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from statehub import Client
+from tests._server import ServerProcess
+from tests.api.test_folders import llama, logits, saved, tree
+
+pytestmark = pytest.mark.server  # each case starts a client process of its own
+SCRIPT = Path(__file__).with_name("_hf_client.py")
+
+
+def hf(
+    server: ServerProcess,
+    home: Path,
+    action: str,
+    repo: str,
+    revision: str,
+    out: str = "-",
+    **env: str,
+) -> dict[str, Any]:
+    environment = {
+        **os.environ,
+        "HF_ENDPOINT": f"{server.url}/hf",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        **env,
+    }
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), action, repo, revision, out],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture
+def pushed(hub: Client, ns: str, tmp_path: Path) -> tuple[str, Path, Any]:
+    source = llama(21)
+    folder = saved(source, tmp_path / "src", max_shard_size="40KB")
+    hub.push(f"{ns}/llama", folder, alias="prod")
+    return f"{ns}/llama", folder, source
+
+
+def test_snapshot_download_gives_the_files_byte_for_byte_and_works_offline(
+    server: ServerProcess, pushed: tuple[str, Path, Any], tmp_path: Path
+) -> None:
+    repo, folder, _ = pushed
+    home = tmp_path / "hf-home"
+    got = hf(server, home, "snapshot", repo, "main")
+    assert "error" not in got, got
+    assert {p: bytes.fromhex(h) for p, h in got["files"].items()} == tree(folder)
+    # The second time, from the cache, with no request at all.
+    offline = hf(server, home, "snapshot", repo, "main", HF_HUB_OFFLINE="1")
+    assert offline.get("files") == got["files"], offline
+
+
+def test_from_pretrained_loads_with_equal_outputs_at_a_branch(
+    server: ServerProcess, hub: Client, pushed: tuple[str, Path, Any], tmp_path: Path
+) -> None:
+    repo, _, source = pushed
+    hub.push(repo, saved(llama(22), tmp_path / "next"))  # main moves on; prod stays at 1
+    out = tmp_path / "logits.pt"
+    got = hf(server, tmp_path / "home", "logits", repo, "prod", str(out))
+    assert "error" not in got, got
+    assert torch.equal(torch.load(out, weights_only=True), logits(source))
+    tagged = hf(server, tmp_path / "home2", "logits", repo, "v1", str(tmp_path / "v1.pt"))
+    assert "error" not in tagged, tagged
+    assert torch.equal(torch.load(tmp_path / "v1.pt", weights_only=True), logits(source))
+
+
+def test_a_version_pushed_as_one_file_is_a_repo_of_one_file(
+    server: ServerProcess, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    version = hub.push(f"{ns}/plain", state)
+    got = hf(server, tmp_path / "h", "download", f"{ns}/plain", "main", "model.safetensors")
+    assert "error" not in got, got
+    assert hashlib.sha256(bytes.fromhex(got["bytes"])).hexdigest() == version.digest
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision", "path", "error"),
+    [
+        ("{ns}/nothing", "main", "config.json", "RepositoryNotFoundError"),
+        ("{ns}/llama", "no-such-branch", "config.json", "RevisionNotFoundError"),
+        ("{ns}/llama", "main", "no-such-file.json", "EntryNotFoundError"),
+    ],
+)
+def test_misses_raise_the_clients_own_errors(
+    server: ServerProcess,
+    pushed: tuple[str, Path, Any],
+    tmp_path: Path,
+    repo: str,
+    revision: str,
+    path: str,
+    error: str,
+) -> None:
+    ns = pushed[0].split("/")[0]
+    got = hf(server, tmp_path / "h", "download", repo.format(ns=ns), revision, path)
+    assert error in got.get("classes", []), got  # e.g. RemoteEntryNotFoundError is one
+
+
+def test_resolve_headers_ranges_and_tree(
+    server: ServerProcess, pushed: tuple[str, Path, Any]
+) -> None:
+    repo, folder, _ = pushed
+    base = f"{server.url}/hf/{repo}/resolve/main/config.json"
+    head = httpx.head(base)
+    data = (folder / "config.json").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["x-linked-etag"] == head.headers["etag"] == f'"{sha}"'
+    assert head.headers["x-linked-size"] == head.headers["content-length"] == str(len(data))
+    commit = head.headers["x-repo-commit"]
+    assert len(commit) == 40 and not any(k.lower().startswith("x-xet") for k in head.headers)
+    ranged = httpx.get(base, headers={"Range": "bytes=2-9"})
+    assert ranged.status_code == 206 and ranged.content == data[2:10]
+    assert ranged.headers["content-range"] == f"bytes 2-9/{len(data)}"
+    at_commit = httpx.get(f"{server.url}/hf/{repo}/resolve/{commit}/config.json")
+    assert at_commit.content == data
+    listing = httpx.get(f"{server.url}/hf/api/models/{repo}/tree/main", params={"recursive": 1})
+    files = {e["path"]: e for e in listing.json() if e["type"] == "file"}
+    assert files.keys() == tree(folder).keys()
+    assert files["config.json"]["lfs"] == {"oid": sha, "size": len(data), "pointerSize": 134}
+    info = httpx.get(f"{server.url}/hf/api/models/{repo}/revision/prod").json()
+    assert info["sha"] == commit and info["id"] == repo
+    assert {s["rfilename"] for s in info["siblings"]} == tree(folder).keys()
+    assert "prod" in info["tags"]
