@@ -2,8 +2,9 @@
 
 A fetch is laid out before a byte of weights is read: the header comes from the plan, so
 the length is exact, and the body is a list of segments — literal header bytes, ranges of
-the stored blob passed through untouched (coalesced where they are adjacent), and tensors
-that must be decoded and transformed. Memory stays O(largest transformed tensor).
+the stored blob passed through untouched, and tensors that must be decoded and transformed.
+The stored bytes are read as ``core.layout.read_plan`` says: a few large parts, several in
+flight. Memory stays O(largest transformed tensor + in_flight x part).
 """
 
 from __future__ import annotations

@@ -404,3 +404,31 @@ def test_a_composed_version_is_read_with_a_request_per_blob_not_per_extent(
     streamed = b"".join(composed.iter_range("composed", 10, composed.size, 999))
     assert streamed == expected[10:]
     assert store.requests == 6  # two per range asked for
+
+
+def test_a_fetch_dropped_early_stops_reading_and_leaves_no_threads(
+    store: CountingStore, tmp_path: Path
+) -> None:
+    version = stored_version(store, tmp_path, resnet50_like(width=16))
+    layout = lay_out(version, spec_json({f"m.{k}": v for k, v in resnet50_like(width=16).items()}))
+    pieces = iter_layout(
+        layout,
+        store,
+        version.digest,
+        start=0,
+        end=layout.length,
+        chunk=16 * KiB,
+        gap=0,
+        part=64 * KiB,
+        in_flight=4,
+    )
+    for _ in range(3):
+        next(pieces)
+    pieces.close()  # what the server does when the client goes away
+    workers = [t for t in threading.enumerate() if t.name.startswith("fetch-read")]
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not [t for t in workers if t.is_alive()]
+    total = math.ceil(data_bytes(version) / (64 * KiB))
+    assert len(store.streams) <= 4 + 1 < total  # what was in flight, not the whole body
+    assert store.active == 0  # every stream it opened was closed
