@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -54,8 +55,16 @@ def tokens(vocab: int) -> torch.Tensor:
 
 
 def fetched_bytes(server: ServerProcess) -> tuple[float, float]:
-    """Bytes of fetch bodies sent, and fetch bodies started (every mode)."""
-    samples = _metrics.scrape(server.url)
+    """Bytes of fetch bodies sent, and fetch bodies started (every mode), once no body is
+    streaming: a body's last bytes are counted as its stream closes, which can be after
+    the client has read them all."""
+    deadline = time.monotonic() + 30
+    while True:
+        samples = _metrics.scrape(server.url)
+        if _metrics.value(samples, "statehub_fetches_in_flight") == 0:
+            break
+        assert time.monotonic() < deadline, "a fetch body is still streaming after 30 s"
+        time.sleep(0.05)  # waiting for a signal, not standing in for one
     started = sum(v for (name, _), v in samples.items() if name == "statehub_fetches_total")
     return _metrics.value(samples, "statehub_fetch_bytes_total"), started
 
