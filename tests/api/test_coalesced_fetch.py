@@ -20,6 +20,9 @@ from tests._services import MotoServer
 from tests._shapes import resnet50_like
 from tests.conftest import postgres_s3_server
 
+# Starts servers of its own (a statehub process behind a proxy): not in the fast lane.
+pytestmark = pytest.mark.server
+
 KiB = 1024
 PART = 256 * KiB
 WIDTH = 16  # ResNet-50 at a quarter of its width: 320 tensors, 8 MB in fp32
