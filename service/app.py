@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import auth, metrics, ui
 from service.api import adapters, admin, files, fitting, hub, models, tensors, tokens
 from service.api.bodies import takes_raw_body
-from service.errors import HubNotFound, StatehubError, StorageError, TooLarge
+from service.errors import HubNotFound, StatehubError, StorageError, TooLarge, Unauthorized
 from service.observability import Drain, RequestContextMiddleware, request_id_var
 from service.settings import Settings
 from service.storage import db as database
@@ -146,10 +146,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
         response = error_response(request, exc.status, exc.code, exc.message, exc.detail)
-        if isinstance(exc, HubNotFound):  # the Hub's clients read their own error codes
-            response.headers["X-Error-Code"] = exc.hub_code
+        hub_code = exc.hub_code if isinstance(exc, HubNotFound) else None
+        if isinstance(exc, Unauthorized) and request.url.path.startswith("/hf/"):
+            hub_code = "RepoNotFound"  # as the Hub answers for a private repo without a token
+        if hub_code is not None:  # the Hub's clients read their own error codes
+            response.headers["X-Error-Code"] = hub_code
             response.headers["X-Error-Message"] = exc.message.encode("ascii", "replace").decode()
-            if exc.commit:
+            if isinstance(exc, HubNotFound) and exc.commit:
                 response.headers["X-Repo-Commit"] = exc.commit
         return response
 

@@ -10,18 +10,30 @@ Hub's clients check and cache it by that digest.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import json
 import re
+import secrets
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.core.names import LATEST, ModelName, VersionRef
-from service.errors import HubNotFound, NotFound
+from service import folders, registry
+from service.core.names import LATEST, ModelName, VersionRef, validate_alias
+from service.core.repo_files import FileEntry
+from service.errors import Conflict, Forbidden, HubNotFound, InvalidRequest, NotFound
+from service.settings import Settings
 from service.storage import repositories as repo
-from service.storage.models import Model, Version
+from service.storage.blobs import BlobStore
+from service.storage.db import Database
+from service.storage.models import Alias, Model, Version
+from service.storage.spool import SpoolFile
 
 MAIN = "main"
 SINGLE_FILE = "model.safetensors"  # the one file of a version not pushed as a folder
@@ -48,7 +60,7 @@ class HubFile:
 @dataclass(frozen=True)
 class Revision:
     model: Model
-    version: Version
+    version: Version | None  # None: a repo created (create_repo) with no version yet
     commit: str
     files: list[HubFile]
     aliases: list[str]
@@ -75,6 +87,9 @@ def resolve(session: Session, name: ModelName, revision: str) -> Revision:
     except NotFound:
         raise repo_not_found(name) from None
     version = _version(session, model, revision)
+    if version is None and revision == MAIN and not repo.list_versions(session, model):
+        # An empty repo, as the Hub has one after create_repo: its main holds no file.
+        return Revision(model, None, _oid(f"statehub:{name}:empty"), [], [])
     if version is None:
         raise HubNotFound(
             f"{name} has no revision {revision!r} (main, an alias, vN, or a commit id)",
@@ -116,6 +131,7 @@ def _files(session: Session, version: Version) -> list[HubFile]:
 def model_info(revision: Revision) -> dict[str, Any]:
     """``GET /api/models/{repo}[/revision/{rev}]``, as huggingface_hub's ModelInfo reads it."""
     version = revision.version
+    when = version.created_at if version is not None else revision.model.created_at
     return {
         "_id": revision.commit[:24],
         "id": revision.repo_id,
@@ -124,8 +140,8 @@ def model_info(revision: Revision) -> dict[str, Any]:
         "private": True,  # readable only with access to the namespace
         "gated": False,
         "disabled": False,
-        "lastModified": _hub_time(version.created_at),
-        "createdAt": _hub_time(version.created_at),
+        "lastModified": _hub_time(when),
+        "createdAt": _hub_time(when),
         "tags": ["statehub", *sorted(revision.aliases)],
         "siblings": [{"rfilename": f.path} for f in revision.files],
         "usedStorage": sum(f.size for f in revision.files),
@@ -177,3 +193,161 @@ def tree(revision: Revision, path: str, *, recursive: bool) -> list[dict[str, An
 def _oid(text: str) -> str:
     """A git-style object id (40 hex) for an entry; clients use the LFS sha256 for files."""
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+# -- the write side: create_repo, preupload, LFS batch, commit -------------------------------
+
+_PROCESS_KEY = secrets.token_bytes(32)
+UPLOAD_URL_S = 3600
+
+
+def _upload_key(secret: str | None) -> bytes:
+    return secret.encode() if secret else _PROCESS_KEY
+
+
+def upload_signature(secret: str | None, name: ModelName, oid: str, size: int, expires: int) -> str:
+    """The capability an LFS upload URL carries: the Hub's clients PUT to it without a token."""
+    message = f"{name}\n{oid}\n{size}\n{expires}".encode()
+    return hmac.new(_upload_key(secret), message, hashlib.sha256).hexdigest()
+
+
+def check_upload(
+    secret: str | None, name: ModelName, oid: str, size: int, expires: int, signature: str
+) -> None:
+    expected = upload_signature(secret, name, oid, size, expires)
+    if not hmac.compare_digest(expected, signature) or expires < time.time():
+        raise Forbidden("this upload URL is not valid (expired, or not signed by this server)")
+
+
+@dataclass(frozen=True)
+class CommitLines:
+    """A commit's NDJSON payload, parsed: what to add (as stored blobs) and what to delete."""
+
+    summary: str
+    added: dict[str, FileEntry]  # path -> file (LFS files, and regular files once stored)
+    inline: dict[str, bytes]  # path -> content of a regular (base64) file, to be stored
+    deleted: set[str]
+    deleted_folders: set[str]
+
+
+def parse_commit(raw: bytes) -> CommitLines:
+    summary = ""
+    added: dict[str, FileEntry] = {}
+    inline: dict[str, bytes] = {}
+    deleted: set[str] = set()
+    folders_gone: set[str] = set()
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                summary = str(value.get("summary", ""))
+            elif key == "lfsFile":
+                if value.get("algo", "sha256") != "sha256":
+                    raise InvalidRequest(f"line {number}: LFS files are addressed by sha256")
+                added[value["path"]] = FileEntry(value["path"], int(value["size"]), value["oid"])
+            elif key == "file":
+                if value.get("encoding", "base64") != "base64":
+                    raise InvalidRequest(f"line {number}: file content must be base64")
+                inline[value["path"]] = base64.b64decode(value["content"], validate=True)
+            elif key == "deletedFile":
+                deleted.add(value["path"])
+            elif key == "deletedFolder":
+                folders_gone.add(value["path"].strip("/"))
+            else:
+                raise InvalidRequest(
+                    f"line {number}: {key!r} is not a commit operation statehub takes"
+                )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if isinstance(exc, InvalidRequest):
+                raise
+            raise InvalidRequest(
+                f"line {number} of the commit is not a commit operation: {exc}"
+            ) from None
+    return CommitLines(summary, added, inline, deleted, folders_gone)
+
+
+def commit_manifest(base: Sequence[HubFile], lines: CommitLines) -> list[dict[str, Any]]:
+    """The files of the new version: the parent's, less what is deleted, plus what is added."""
+    files = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in base}
+    for path in list(files):
+        if path in lines.deleted or any(
+            path.startswith(f"{folder}/") for folder in lines.deleted_folders
+        ):
+            del files[path]
+    for path, entry in lines.added.items():
+        files[path] = entry.to_json()
+    return list(files.values())
+
+
+def commit(
+    *,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+    name: ModelName,
+    revision: str,
+    raw: bytes,
+    actor: str,
+) -> tuple[registry.PushResult, str]:
+    """A Hub commit as the next version: the parent revision's files changed as the commit
+    says (a commit to a branch that is an alias moves that alias; every commit moves
+    ``main``). Returns the push and the new commit id."""
+    lines = parse_commit(raw)
+    for path, data in lines.inline.items():
+        lines.added[path] = _store_inline(db, blobs, settings, path, data)
+    with db.session() as session:
+        try:
+            base = resolve(session, name, revision).files
+        except HubNotFound:  # a new repo, or a new branch: from main, if there is one
+            try:
+                base = resolve(session, name, MAIN).files
+            except HubNotFound:
+                base = []
+    # A composed version's single file is not a stored blob: a commit cannot keep it.
+    manifest = commit_manifest([f for f in base if f.extents is None], lines)
+    alias = None if revision == MAIN else validate_alias(revision)
+    result = folders.push_folder(
+        db=db,
+        blobs=blobs,
+        settings=settings,
+        name=name,
+        manifest=manifest,
+        metadata={"hub_commit": lines.summary} if lines.summary else {},
+        alias=alias,
+        actor=actor,
+    )
+    return result, commit_id(result.version.model, result.version)
+
+
+def _store_inline(
+    db: Database, blobs: BlobStore, settings: Settings, path: str, data: bytes
+) -> FileEntry:
+    spool = SpoolFile(
+        settings.effective_spool_dir,
+        max_bytes=max(len(data), 1),
+        min_free_bytes=settings.spool_min_free_bytes,
+    )
+    spool.write(data)
+    spooled = spool.finish()
+    folders.store_file(
+        db=db, blobs=blobs, settings=settings, sha256=spooled.digest, spooled=spooled
+    )
+    return FileEntry(path, len(data), spooled.digest)
+
+
+def create_branch(session: Session, name: ModelName, branch: str, *, actor: str) -> None:
+    """A branch is an alias: it starts at ``main``'s version (an empty repo's branch starts
+    with its first commit). Conflict when it exists (``exist_ok`` clients go on)."""
+    if branch == MAIN:
+        return
+    model = repo.get_model(session, name)
+    if session.get(Alias, (model.id, validate_alias(branch))) is not None:
+        raise Conflict(f"{name} has a branch {branch!r} already", detail={"branch": branch})
+    latest = repo.list_versions(session, model)
+    if latest:
+        registry.set_alias(
+            session=session, name=name, alias=branch, number=latest[-1].number, actor=actor
+        )

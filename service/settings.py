@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     auth: Literal["auto", "tokens"] = "auto"
     # An admin token (32+ random characters) created at start if it does not exist yet.
     bootstrap_token: SecretStr | None = None
+    # Signs the upload URLs the Hugging Face Hub protocol hands out (LFS "basic" uploads
+    # carry no token). Unset: a random key per process, so set it when replicas share work.
+    hub_upload_secret: SecretStr | None = None
     # gc never collects blobs or temp files younger than this.
     gc_grace_s: int = Field(default=3600, ge=0)
     # How long an upload's claim on its blob protects it from gc (a crashed upload's expires).

@@ -27,6 +27,19 @@ def main() -> None:
 
             path = Path(hf_hub_download(repo_id, out, revision=revision))
             result["bytes"] = path.read_bytes().hex()
+        elif action == "upload_folder":
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=out, revision=revision)
+            result["commit"] = info.oid
+        elif action == "push_to_hub":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(out)
+            info = model.push_to_hub(repo_id, revision=revision)
+            result["commit"] = getattr(info, "oid", None)
         elif action == "logits":
             import torch
             from transformers import AutoModelForCausalLM

@@ -16,12 +16,19 @@ import httpx
 import pytest
 import torch
 
+from service.api.deps import get_principal
+from service.app import create_app
+from service.settings import Settings
 from statehub import Client
 from tests._server import ServerProcess
+from tests.api.conftest import Deployment
+from tests.api.test_auth import api_routes
 from tests.api.test_folders import llama, logits, saved, tree
 
 pytestmark = pytest.mark.server  # each case starts a client process of its own
 SCRIPT = Path(__file__).with_name("_hf_client.py")
+# An open server takes any bearer value; huggingface_hub sends no write without a token.
+TOKEN = "shb_" + "x" * 43
 
 
 def hf(
@@ -146,3 +153,100 @@ def test_resolve_headers_ranges_and_tree(
     assert info["sha"] == commit and info["id"] == repo
     assert {s["rfilename"] for s in info["siblings"]} == tree(folder).keys()
     assert "prod" in info["tags"]
+
+
+def test_upload_folder_then_from_pretrained_round_trips(
+    server: ServerProcess, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    source = llama(23)
+    folder = saved(source, tmp_path / "up", max_shard_size="40KB")
+    repo = f"{ns}/uploaded"
+    up = hf(server, tmp_path / "h1", "upload_folder", repo, "main", str(folder), HF_TOKEN=TOKEN)
+    assert "error" not in up, up
+    version = hub.version(repo)
+    assert {f["path"] for f in hub.files(repo)} == tree(folder).keys()
+    assert version.arch_fp and version.source_format == "safetensors-sharded"
+    info = httpx.get(f"{server.url}/hf/api/models/{repo}").json()
+    assert info["sha"] == up["commit"]
+    out = tmp_path / "logits.pt"
+    got = hf(server, tmp_path / "h2", "logits", repo, "main", str(out))
+    assert "error" not in got, got
+    assert torch.equal(torch.load(out, weights_only=True), logits(source))
+
+
+def test_push_to_hub_to_a_branch_then_from_pretrained(
+    server: ServerProcess, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    first, second = llama(24), llama(25)
+    repo = f"{ns}/pushed"
+    for model, revision in ((first, "main"), (second, "staging")):
+        folder = saved(model, tmp_path / revision)
+        pushed = hf(
+            server, tmp_path / "h", "push_to_hub", repo, revision, str(folder), HF_TOKEN=TOKEN
+        )
+        assert "error" not in pushed, pushed
+    assert [v.version for v in hub.versions(repo)] == [1, 2]
+    assert hub.version(f"{repo}@staging").version == 2
+    out = tmp_path / "staging.pt"
+    got = hf(server, tmp_path / "h3", "logits", repo, "staging", str(out))
+    assert "error" not in got, got
+    assert torch.equal(torch.load(out, weights_only=True), logits(second))
+
+
+ROOT = "shb_hub-root-" + "z9y8x7w6v5u4t3s2r1q0p9o8n7m6l5k4"
+
+
+def test_with_tokens_a_read_token_downloads_and_no_token_is_refused(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    closed = deployment.start(STATEHUB_BOOTSTRAP_TOKEN=ROOT)
+    root = {"Authorization": f"Bearer {ROOT}"}
+    with Client(closed.url, token=ROOT, retries=1) as admin:
+        admin.push("secure/llama", saved(llama(26), tmp_path / "src"))
+        reader = admin.create_token("hf-reader", scopes=["read:secure/*"])["token"]
+        writer_elsewhere = admin.create_token("other", scopes=["write:other/*"])["token"]
+    got = hf(
+        closed, tmp_path / "h1", "download", "secure/llama", "main", "config.json", HF_TOKEN=reader
+    )
+    assert "error" not in got, got
+    for name, token in (("none", None), ("another team", writer_elsewhere)):
+        env = {"HF_TOKEN": token} if token else {}
+        denied = hf(
+            closed, tmp_path / name, "download", "secure/llama", "main", "config.json", **env
+        )
+        assert "RepositoryNotFoundError" in denied.get("classes", []), (name, denied)
+    # The Authorization header of these requests never reaches the log.
+    assert reader not in closed.output(limit=None)
+    assert httpx.get(f"{closed.url}/hf/api/models/secure/llama", headers=root).status_code == 200
+
+
+def test_every_hub_route_authenticates_but_the_signed_upload() -> None:
+    routes = [r for r in api_routes(create_app(Settings()).routes) if r.path.startswith("/hf")]
+    assert len(routes) == 13  # read: 5, write: 8
+    for route in routes:
+        calls = {d.call for d in route.dependant.dependencies}
+        signed = route.path == "/hf/lfs/{namespace}/{name}/{oid}"
+        assert (get_principal in calls) != signed, route.path
+
+
+def test_an_upload_url_is_a_capability_for_one_object_for_an_hour(
+    server: ServerProcess, ns: str
+) -> None:
+    data = b"weights of some kind"
+    oid = hashlib.sha256(data).hexdigest()
+    batch = httpx.post(
+        f"{server.url}/hf/{ns}/up.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    ).json()
+    (obj,) = batch["objects"]
+    href = obj["actions"]["upload"]["href"]
+    forged = href.replace(oid, hashlib.sha256(b"other").hexdigest())
+    assert httpx.put(forged, content=b"other").status_code == 403
+    assert httpx.put(href.replace("expires=", "expires=1"), content=data).status_code == 403
+    assert httpx.put(href, content=data + b"!").status_code == 422  # not the size announced
+    assert httpx.put(href, content=data).status_code == 200
+    again = httpx.post(
+        f"{server.url}/hf/{ns}/up.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    ).json()
+    assert "actions" not in again["objects"][0]  # stored: nothing to upload
