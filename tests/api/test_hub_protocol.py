@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from service.api.deps import get_principal
 from service.app import create_app
@@ -250,3 +251,26 @@ def test_an_upload_url_is_a_capability_for_one_object_for_an_hour(
         json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
     ).json()
     assert "actions" not in again["objects"][0]  # stored: nothing to upload
+
+
+def test_a_timm_folder_serves_what_timms_hf_hub_loader_asks_for(
+    server: ServerProcess, hub: Client, ns: str, tmp_path: Path
+) -> None:
+    # timm cannot import beside this torch wheel (torchvision fails), so this makes the
+    # requests its hf-hub: loader makes: config.json, then model.safetensors.
+    folder = tmp_path / "vit"
+    folder.mkdir()
+    config = {
+        "architecture": "vit_tiny_patch16_224",
+        "num_classes": 10,
+        "pretrained_cfg": {"tag": "augreg_in21k", "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = {"cls_token": torch.randn(1, 1, 8), "head.weight": torch.randn(10, 8)}
+    save_file(weights, folder / "model.safetensors")
+    hub.push(f"{ns}/vit", folder)
+    home = tmp_path / "h"
+    got = hf(server, home, "download", f"{ns}/vit", "main", "config.json")
+    assert json.loads(bytes.fromhex(got["bytes"]))["architecture"] == "vit_tiny_patch16_224"
+    blob = hf(server, home, "download", f"{ns}/vit", "main", "model.safetensors")
+    assert bytes.fromhex(blob["bytes"]) == (folder / "model.safetensors").read_bytes()
