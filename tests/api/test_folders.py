@@ -218,6 +218,14 @@ def test_too_many_files_is_too_large(server: ServerProcess, ns: str) -> None:
     assert "STATEHUB_MAX_VERSION_FILES" in response.json()["error"]["message"]
 
 
+def test_a_file_over_the_upload_limit_is_too_large(server: ServerProcess, ns: str) -> None:
+    huge = {"path": "model.safetensors", "size": 65 * 1024**3, "sha256": "0" * 64}
+    response = commit(server, ns, [huge])
+    assert response.status_code == 413 and error_code(response) == "too_large"
+    assert "STATEHUB_MAX_UPLOAD_BYTES" in response.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/models/{ns}/bad").status_code == 404
+
+
 def test_files_not_uploaded_are_named_and_nothing_is_committed(
     server: ServerProcess, hub: Client, ns: str, tmp_path: Path
 ) -> None:

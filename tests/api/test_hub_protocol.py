@@ -21,10 +21,13 @@ from service.api.deps import get_principal
 from service.app import create_app
 from service.settings import Settings
 from statehub import Client
+from tests._metrics import scrape
 from tests._server import ServerProcess
+from tests._services import MotoServer
 from tests.api.conftest import Deployment
 from tests.api.test_auth import api_routes
 from tests.api.test_folders import llama, logits, saved, tree
+from tests.conftest import postgres_s3_server
 
 pytestmark = pytest.mark.server  # each case starts a client process of its own
 SCRIPT = Path(__file__).with_name("_hf_client.py")
@@ -274,3 +277,41 @@ def test_a_timm_folder_serves_what_timms_hf_hub_loader_asks_for(
     assert json.loads(bytes.fromhex(got["bytes"]))["architecture"] == "vit_tiny_patch16_224"
     blob = hf(server, home, "download", f"{ns}/vit", "main", "model.safetensors")
     assert bytes.fromhex(blob["bytes"]) == (folder / "model.safetensors").read_bytes()
+
+
+RESOLVE = "/hf/{namespace}/{name}/resolve/{revision}/{path:path}"
+
+
+def test_a_second_from_pretrained_sends_no_file_body(
+    server: ServerProcess, pushed: tuple[str, Path, Any], tmp_path: Path
+) -> None:
+    repo, _, source = pushed
+    home = tmp_path / "home"
+    first = hf(server, home, "logits", repo, "main", str(tmp_path / "1.pt"))
+    assert "error" not in first, first
+    before = scrape(server.url)
+    second = hf(server, home, "logits", repo, "main", str(tmp_path / "2.pt"))
+    assert "error" not in second, second
+    after = scrape(server.url)
+    changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    routes = {dict(k[1])["route"] for k in changed if k[0] == "statehub_http_requests_total"} - {
+        "/metrics"
+    }
+    # The revision is resolved once (repo info); every file comes from the cache.
+    assert routes == {"/hf/api/models/{namespace}/{name}/revision/{revision}"}, routes
+    assert torch.equal(torch.load(tmp_path / "2.pt", weights_only=True), logits(source))
+
+
+def test_with_presigned_fetches_the_clients_follow_the_redirect_to_the_store(
+    moto_server: MotoServer, tmp_path: Path
+) -> None:
+    env = {"STATEHUB_PRESIGN_FETCH": "true"}
+    with postgres_s3_server(moto_server, str(tmp_path / "data"), env) as presigning:
+        with Client(presigning.url, retries=1) as admin:
+            folder = saved(llama(27), tmp_path / "src")
+            admin.push("presign/llama", folder)
+        redirect = httpx.get(f"{presigning.url}/hf/presign/llama/resolve/main/model.safetensors")
+        assert redirect.status_code == 303 and "X-Amz-Signature" in redirect.headers["location"]
+        got = hf(presigning, tmp_path / "h", "snapshot", "presign/llama", "main")
+        assert "error" not in got, got
+        assert {p: bytes.fromhex(h) for p, h in got["files"].items()} == tree(folder)
