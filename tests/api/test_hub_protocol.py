@@ -27,6 +27,7 @@ from tests._services import MotoServer
 from tests.api.conftest import Deployment
 from tests.api.test_auth import api_routes
 from tests.api.test_folders import llama, logits, saved, tree
+from tests.client.test_cli import cli
 from tests.conftest import postgres_s3_server
 
 pytestmark = pytest.mark.server  # each case starts a client process of its own
@@ -170,6 +171,8 @@ def test_upload_folder_then_from_pretrained_round_trips(
     version = hub.version(repo)
     assert {f["path"] for f in hub.files(repo)} == tree(folder).keys()
     assert version.arch_fp and version.source_format == "safetensors-sharded"
+    shown = cli(server, "show", repo)
+    assert shown.exit_code == 0 and f"arch_fp:  {version.arch_fp}" in shown.output
     info = httpx.get(f"{server.url}/hf/api/models/{repo}").json()
     assert info["sha"] == up["commit"]
     out = tmp_path / "logits.pt"
