@@ -171,7 +171,7 @@ def test_upload_folder_then_from_pretrained_round_trips(
     version = hub.version(repo)
     assert {f["path"] for f in hub.files(repo)} == tree(folder).keys()
     assert version.arch_fp and version.source_format == "safetensors-sharded"
-    shown = cli(server, "show", repo)
+    shown = cli(server, "show", f"{repo}:1")
     assert shown.exit_code == 0 and f"arch_fp:  {version.arch_fp}" in shown.output
     info = httpx.get(f"{server.url}/hf/api/models/{repo}").json()
     assert info["sha"] == up["commit"]
