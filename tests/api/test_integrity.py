@@ -160,7 +160,8 @@ def test_the_client_checks_the_digest_of_a_pull(tmp_path: Path) -> None:
 
 def test_the_client_checks_the_digest_of_a_passthrough_fetch() -> None:
     body = unique_checkpoint(4, mib=0.01)
-    spec = {"tensors": [{"key": "layer.weight", "shape": [10, 256], "dtype": "F32"}]}
+    # A target with values: the client fetches at once (a spec target is planned first).
+    spec = {"layer.weight": torch.zeros(10, 256)}
     headers = {"X-Statehub-Fetch-Mode": "passthrough"}
     wrong = {**headers, "X-Statehub-Digest": "0" * 64}
     with _lying_client(body, wrong) as client, pytest.raises(IntegrityError):

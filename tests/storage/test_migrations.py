@@ -26,6 +26,7 @@ TABLES = {
     "stored_tensors",
     "blob_refs",
     "fit_cache",
+    "version_files",
     "alembic_version",
 }
 
