@@ -4,7 +4,8 @@
     python -m benchmarks.run --smoke          # tiny sizes into a temp dir: CI's rot check
     python -m benchmarks.run --sizes 100 --scale-sizes 100,500 --only fetch,scaling
 
-Sections: plan, fetch (fetch and push vs do-it-yourself), scaling, memory, dedup. A section
+Sections: plan, fetch (fetch and push vs do-it-yourself), scaling, memory, dedup, scale
+(a Llama-shaped sharded repository: --scale-gb, --scale-s3-gb). A section
 that fails (a fetched tensor that differs from the expected one included) is reported and
 the others still run; the exit status is then 1.
 """
@@ -20,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import dedup, fetch_vs_diy, memory, plan_latency, scaling
+from benchmarks import dedup, fetch_vs_diy, memory, plan_latency, scale, scaling
 from benchmarks.fetch_vs_diy import FetchRow, PushRow
 from benchmarks.harness import Report, Services, machine
 from benchmarks.plan_latency import PlanRow
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("plan", "fetch", "scaling", "memory", "dedup")
+SECTIONS = ("plan", "fetch", "scaling", "memory", "dedup", "scale")
 PLOT = "scaling.png"
 
 
@@ -39,6 +40,7 @@ class Options:
     plan_sizes: list[int]
     plan_repeats: int | None
     dedup_mib: int
+    scale_gib: dict[str, float]  # the scale section: backend -> GiB (0 skips it)
     out: Path
     note: str
 
@@ -55,6 +57,8 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale-repeats", type=int, default=3)
     parser.add_argument("--dedup-mib", type=int, default=100)
+    parser.add_argument("--scale-gb", type=float, default=6.0, help="scale: GiB, SQLite + local")
+    parser.add_argument("--scale-s3-gb", type=float, default=2.0, help="scale: GiB, PG + S3")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--note", default="", help="said under the machine line")
@@ -62,6 +66,7 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
     if args.smoke:  # a few MiB, one repeat, the 100-tensor plan: seconds, not minutes
         args.sizes, args.scale_sizes, args.repeats, args.scale_repeats = [4], [4, 8], 1, 1
         args.dedup_mib, args.note = 4, args.note or "smoke run"
+        args.scale_gb = args.scale_s3_gb = 0.04
         args.out = args.out or Path(tempfile.mkdtemp(prefix="statehub-bench-"))
     opts = Options(
         sizes=args.sizes,
@@ -71,6 +76,7 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
         plan_sizes=[100] if args.smoke else list(plan_latency.SIZES),
         plan_repeats=3 if args.smoke else None,
         dedup_mib=args.dedup_mib,
+        scale_gib={"local": args.scale_gb, "s3": args.scale_s3_gb},
         out=args.out or RESULTS,
         note=args.note,
     )
@@ -140,6 +146,9 @@ class Run:
 
     def dedup(self) -> Report:
         return dedup.report(dedup.measure(self.services.stack(), self.opts.dedup_mib))
+
+    def scale(self) -> Report:
+        return scale.run(self.services, self.opts.scale_gib)
 
 
 def main(argv: list[str] | None = None) -> int:

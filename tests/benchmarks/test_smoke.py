@@ -22,6 +22,7 @@ TABLES = {
     "Scaling: fetch time by size, plan time by tensor count": ["checkpoint MiB", "tensors"],
     "Memory: server and client peak RSS": ["operation", "fetch"],
     "Storage saved by tensor-level dedup": ["pushes"],
+    "Transformer scale: a Llama-shaped sharded repository": ["operation", "goal"],
 }
 NUMBER_ROW = re.compile(r"^\|.*\| [\d,]+(\.\d+)? \|", re.M)
 
@@ -38,7 +39,7 @@ def test_smoke_run_prints_every_table_with_numbers(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,  # the scale section starts 8 client processes (torch + transformers)
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     found = sections(done.stdout)
@@ -56,4 +57,5 @@ def test_smoke_run_prints_every_table_with_numbers(tmp_path: Path) -> None:
         "scaling.md",
         "memory.md",
         "dedup.md",
+        "scale.md",
     }
