@@ -280,16 +280,21 @@ def missing_tensors(db: Database, hashes: Sequence[str]) -> list[str]:
     return sorted({sha for sha in hashes if sha not in found and sha != EMPTY_SHA256})
 
 
+def require_digest(spooled: Spooled, sha256: str) -> None:
+    """Uploaded bytes are stored under a sha256 only if they hash to it."""
+    if spooled.digest != sha256:
+        raise InvalidCheckpoint(
+            f"the uploaded bytes hash to {spooled.digest}, not {sha256}",
+            detail={"expected": sha256, "actual": spooled.digest},
+        )
+
+
 def store_tensor(
     *, db: Database, blobs: BlobStore, settings: Settings, sha256: str, spooled: Spooled
 ) -> None:
     """One tensor's bytes, uploaded alone: checked against its hash, stored, indexed."""
     try:
-        if spooled.digest != sha256:
-            raise InvalidCheckpoint(
-                f"the uploaded bytes hash to {spooled.digest}, not {sha256}",
-                detail={"expected": sha256, "actual": spooled.digest},
-            )
+        require_digest(spooled, sha256)
         leases = put_leased(db, blobs, settings, sha256, spooled.path)
         try:
             with db.session() as session:

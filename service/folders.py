@@ -45,7 +45,7 @@ from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobNotFound, BlobStore
 from service.storage.db import Database
-from service.storage.spool import Spooled, SpoolFile
+from service.storage.spool import Spooled, SpoolFile, spool_bytes
 
 # Ingested.path of weights read from the store: no spool file holds them (nothing to remove).
 STORED_WEIGHTS = Path(os.devnull)
@@ -69,11 +69,7 @@ def store_file(
 ) -> None:
     """One file's bytes: stored only if they hash to ``sha256``."""
     try:
-        if spooled.digest != sha256:
-            raise InvalidCheckpoint(
-                f"the uploaded bytes hash to {spooled.digest}, not {sha256}",
-                detail={"expected": sha256, "actual": spooled.digest},
-            )
+        dedup.require_digest(spooled, sha256)
         dedup.release(db, dedup.put_leased(db, blobs, settings, sha256, spooled.path))
     finally:
         spooled.path.unlink(missing_ok=True)
@@ -257,7 +253,9 @@ def _sharded(
     logical = parse_header(header_bytes[8:], file_size=size, limits=limits)
     check_stored(logical, limits)
     hashes = [by_key[t.key] for t in logical.tensors]
-    header_file = _spool_bytes(settings, header_bytes)
+    header_file = spool_bytes(
+        settings.effective_spool_dir, header_bytes, min_free_bytes=settings.spool_min_free_bytes
+    )
     try:
         stored, digest = dedup.compose_from_hashes(
             db=db,
@@ -273,16 +271,6 @@ def _sharded(
     ingested.report = {"index": index_entry.path, "shards": sorted(shards)}
     describe(ingested, "safetensors-sharded")
     return ingested, stored, hashes
-
-
-def _spool_bytes(settings: Settings, data: bytes) -> Spooled:
-    spool = SpoolFile(
-        settings.effective_spool_dir,
-        max_bytes=len(data) + 1,
-        min_free_bytes=settings.spool_min_free_bytes,
-    )
-    spool.write(data)
-    return spool.finish()
 
 
 def _spool_blob(blobs: BlobStore, settings: Settings, entry: FileEntry) -> Spooled:

@@ -33,7 +33,7 @@ from service.storage import repositories as repo
 from service.storage.blobs import BlobStore
 from service.storage.db import Database
 from service.storage.models import Alias, Model, Version
-from service.storage.spool import SpoolFile
+from service.storage.spool import spool_bytes
 
 MAIN = "main"
 SINGLE_FILE = "model.safetensors"  # the one file of a version not pushed as a folder
@@ -325,13 +325,9 @@ def commit(
 def _store_inline(
     db: Database, blobs: BlobStore, settings: Settings, path: str, data: bytes
 ) -> FileEntry:
-    spool = SpoolFile(
-        settings.effective_spool_dir,
-        max_bytes=max(len(data), 1),
-        min_free_bytes=settings.spool_min_free_bytes,
+    spooled = spool_bytes(
+        settings.effective_spool_dir, data, min_free_bytes=settings.spool_min_free_bytes
     )
-    spool.write(data)
-    spooled = spool.finish()
     folders.store_file(
         db=db, blobs=blobs, settings=settings, sha256=spooled.digest, spooled=spooled
     )

@@ -29,7 +29,7 @@ from service.storage.blobs import BlobStore, validate_digest
 from service.storage.composed import Extent
 from service.storage.db import Database
 from service.storage.models import Adapter, Alias, Model, Version, utcnow
-from service.storage.spool import Spooled, SpoolFile
+from service.storage.spool import Spooled, spool_bytes
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +202,11 @@ def compose_version(
             detail={"not_in_header": sorted(unknown)[:50], "without_hash": absent[:50]},
         )
     hashes = [validate_digest(tensor_hashes[t.key]) for t in header.tensors]
-    spool = SpoolFile(
+    spooled = spool_bytes(
         settings.effective_spool_dir,
-        max_bytes=settings.max_upload_bytes,
+        struct.pack("<Q", len(raw)) + raw,
         min_free_bytes=settings.spool_min_free_bytes,
     )
-    spool.write(struct.pack("<Q", len(raw)) + raw)
-    spooled = spool.finish()
     stored: dedup.Stored | None = None
     try:
         stored, digest = dedup.compose_from_hashes(

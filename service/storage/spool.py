@@ -75,6 +75,18 @@ class SpoolFile:
         self.path.unlink(missing_ok=True)
 
 
+def spool_bytes(spool_dir: Path, data: bytes, *, min_free_bytes: int) -> Spooled:
+    """``data`` as a spooled file (hashed, fsynced), for bytes the server holds already:
+    a header it built, a file a commit carried inline."""
+    spool = SpoolFile(spool_dir, max_bytes=max(len(data), 1), min_free_bytes=min_free_bytes)
+    try:
+        spool.write(data)
+        return spool.finish()
+    except BaseException:
+        spool.discard()
+        raise
+
+
 def hash_file(path: Path, chunk: int = 8 * 1024 * 1024) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
