@@ -10,7 +10,8 @@ Stages run in order, each only on what the earlier ones left unmatched:
     1 adapter     registered adapters: key rules rewrite checkpoint keys, op rules attach ops
     2 prefix      wrappers (``module.``, ``_orig_mod.``), then one prefix substitution
     3 exact       same key and shape (same key, other shape: queued for stage 6)
-    4 normalized  case-insensitive, legacy ``gamma/beta`` -> ``weight/bias``
+    4 normalized  case-insensitive, legacy ``gamma/beta`` -> ``weight/bias``, weight norm
+                  ``weight_g/weight_v`` <-> ``parametrizations.weight.original0/1``
     5 structural  order-and-shape alignment, accepted only when unambiguous
     6 shape_ops   first conv channels, classifier head, position embeddings, vocabulary
     7 dtype       cast to the target dtype
@@ -60,6 +61,11 @@ AdapterInput = tuple[Mapping[str, Any], AdapterSpec]
 WRAPPERS = ("module", "_orig_mod")
 # Legacy names of LayerNorm / BatchNorm affine parameters (TF ports, old BERT checkpoints).
 LEGACY_NAMES = {"gamma": "weight", "beta": "bias"}
+# torch's two forms of a weight-normalised parameter: the legacy hook's ``weight_g`` /
+# ``weight_v`` and ``parametrizations.weight.original0`` / ``original1`` of
+# ``torch.nn.utils.parametrizations.weight_norm`` (same shapes; torch's own load converts
+# them). Both normalise to the legacy form, so either side may hold either.
+_WEIGHT_NORM_SUFFIX = {"original0": "_g", "original1": "_v"}
 # Tokens that precede the patch grid in a ViT's absolute position embedding.
 PREFIX_TOKEN_NAMES = ("cls_token", "dist_token", "reg_token")
 MAX_GUESSED_PREFIX_TOKENS = 8
@@ -233,7 +239,11 @@ def _dot_cuts(key: str) -> list[int]:
 
 
 def _normalized(key: str) -> str:
-    head, dot, last = key.lower().rpartition(".")
+    lowered = key.lower()
+    parts = lowered.rsplit(".", 3)
+    if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1] in _WEIGHT_NORM_SUFFIX:
+        return ".".join([*parts[:-3], parts[-2] + _WEIGHT_NORM_SUFFIX[parts[-1]]])
+    head, dot, last = lowered.rpartition(".")
     return head + dot + LEGACY_NAMES.get(last, last)
 
 
@@ -967,6 +977,8 @@ def _candidate_order(candidate: tuple[str, str]) -> tuple[int, str]:
 
 
 def _normalized_rule(name: str, key: str) -> str:
+    if "parametrizations." in name.lower() or "parametrizations." in key.lower():
+        return f"weight norm: {name} -> {key}"
     s_head, _, s_last = name.rpartition(".")
     t_head, _, t_last = key.rpartition(".")
     legacy = LEGACY_NAMES.get(s_last.lower()) == t_last.lower() and s_last.lower() != t_last.lower()

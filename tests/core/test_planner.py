@@ -895,3 +895,22 @@ def test_a_same_named_key_is_not_renamed_away_from_its_shape_op() -> None:
     e = entry(p, "fc.weight")
     assert (e.stage, e.action) == ("shape_ops", "keep_target")
     assert e.rule.startswith("classifier head rows 1000 -> 30")
+
+
+def test_weight_norm_forms_are_one_normalised_name_and_nothing_else_is() -> None:
+    legacy = ArchSpec.of(
+        [("dec.proj.weight_g", [8, 1, 1], "F32"), ("dec.proj.weight_v", [8, 4, 3], "F32")]
+    )
+    param = ArchSpec.of(
+        [
+            ("dec.proj.parametrizations.weight.original0", [8, 1, 1], "F32"),
+            ("dec.proj.parametrizations.weight.original1", [8, 4, 3], "F32"),
+        ]
+    )
+    for source, target in ((legacy, param), (param, legacy)):
+        p = plan(source, target)
+        assert p.verdict == "adapted" and not p.unused
+        assert [(e.source, e.stage) for e in p.entries] == [(k, "normalized") for k in source.keys]
+    # A parametrization with one ``original`` (orthogonal, spectral norm) is not weight norm.
+    other = ArchSpec.of([("dec.proj.parametrizations.weight.original", [8, 4, 3], "F32")])
+    assert [e.stage for e in plan(legacy, other).entries] != ["normalized"]
