@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from statehub._errors import (
     IntegrityError,
     NotFound,
     StatehubError,
+    StatehubWarning,
     StorageError,
     TensorsMissing,
     raise_for_status,
@@ -751,12 +753,15 @@ class Client:
         stream = _ResumableBody(self, "POST", path, body)
         if load:
             loader = ModuleLoader(target, assign=assign, device=place)
-            self._fetch_stream(stream, progress, loader)
+            metadata = self._fetch_stream(stream, progress, loader)
             loader.finish()
+            _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
             return dict(target.state_dict())
         sink = DictSink(place)
         metadata = self._fetch_stream(stream, progress, sink)
-        return self._complete(sink.tensors, metadata, target, place)
+        tensors = self._complete(sink.tensors, metadata, target, place)
+        _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
+        return tensors
 
     def _plan_before_fetch(
         self, model: str, version: str, body: dict[str, Any], valueless: set[str]
@@ -871,6 +876,30 @@ class Client:
         return {k: tensors[k] for k in order if k in tensors} | {
             k: v for k, v in tensors.items() if k not in known
         }
+
+
+def _warn_if_partial(ref: str, metadata: dict[str, str], *, explicit: bool) -> None:
+    """A StatehubWarning naming the target keys the fetch kept and the checkpoint tensors
+    it did not use: a strict load of such a result succeeds with the model's own values
+    for those keys, which is a silent wrong load unless it was meant."""
+    keep = json.loads(metadata.get("statehub.keep_target", "[]"))
+    if not keep or explicit:
+        return
+    unused = json.loads(metadata.get("statehub.plan", "{}")).get("unused", [])
+    message = (
+        f"fetch of {ref} kept {len(keep)} key(s) of the target with the model's own values "
+        f"(not in the checkpoint, or reset by the policy): {_names(keep)}"
+    )
+    if unused:
+        message += f"; checkpoint tensors not used: {_names(unused)}"
+        message += " (a rename no stage knows? register an adapter)"
+    message += '. Pass on_missing="keep" to say this is meant, or on_missing="error" to refuse.'
+    warnings.warn(message, StatehubWarning, stacklevel=3)
+
+
+def _names(keys: list[str], shown: int = 8) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 class _BackgroundSha256:

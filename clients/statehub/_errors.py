@@ -7,6 +7,12 @@ from typing import Any
 import httpx
 
 
+class StatehubWarning(UserWarning):
+    """A fetch whose result is not all from the checkpoint (kept target keys), as
+    transformers warns about weights "newly initialized"; ``on_missing="keep"`` given
+    explicitly says that was meant and silences it."""
+
+
 class StatehubError(Exception):
     """Base of every statehub client error."""
 

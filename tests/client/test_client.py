@@ -93,6 +93,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
         "RangeNotSatisfiable",
         "ShuttingDown",
         "StatehubError",
+        "StatehubWarning",
         "StorageError",
         "StorageUnavailable",
         "TensorsMissing",
