@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from service import folders, registry
@@ -201,18 +202,22 @@ _PROCESS_KEY = secrets.token_bytes(32)
 UPLOAD_URL_S = 3600
 
 
-def _upload_key(secret: str | None) -> bytes:
-    return secret.encode() if secret else _PROCESS_KEY
+def _upload_key(secret: SecretStr | None) -> bytes:
+    # Without a configured secret, a key of this process: URLs do not outlive a restart
+    # and one replica cannot check another's (STATEHUB_HUB_UPLOAD_SECRET, SECURITY.md).
+    return secret.get_secret_value().encode() if secret else _PROCESS_KEY
 
 
-def upload_signature(secret: str | None, name: ModelName, oid: str, size: int, expires: int) -> str:
+def upload_signature(
+    secret: SecretStr | None, name: ModelName, oid: str, size: int, expires: int
+) -> str:
     """The capability an LFS upload URL carries: the Hub's clients PUT to it without a token."""
     message = f"{name}\n{oid}\n{size}\n{expires}".encode()
     return hmac.new(_upload_key(secret), message, hashlib.sha256).hexdigest()
 
 
 def check_upload(
-    secret: str | None, name: ModelName, oid: str, size: int, expires: int, signature: str
+    secret: SecretStr | None, name: ModelName, oid: str, size: int, expires: int, signature: str
 ) -> None:
     expected = upload_signature(secret, name, oid, size, expires)
     if not hmac.compare_digest(expected, signature) or expires < time.time():

@@ -196,7 +196,7 @@ def lfs_batch(
     principal.require("write", name)
     if body.operation != "upload":
         raise InvalidRequest("statehub's LFS endpoint takes uploads; downloads use resolve/")
-    secret = settings.hub_upload_secret.get_secret_value() if settings.hub_upload_secret else None
+    secret = settings.hub_upload_secret
     expires = int(time.time()) + hub.UPLOAD_URL_S
     base = f"{_endpoint(request)}/lfs/{name}"
     objects = []
@@ -227,8 +227,7 @@ async def lfs_upload(
     signature: str = Query(pattern="^[0-9a-f]{64}$"),
 ) -> Response:
     """An LFS object's bytes, to a URL the batch answer signed (it carries no token)."""
-    secret = settings.hub_upload_secret.get_secret_value() if settings.hub_upload_secret else None
-    hub.check_upload(secret, name, oid, size, expires, signature)
+    hub.check_upload(settings.hub_upload_secret, name, oid, size, expires, signature)
     spooled = await spool_request(request, settings)
     if spooled.size != size:
         spooled.path.unlink(missing_ok=True)
