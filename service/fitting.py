@@ -32,7 +32,7 @@ from service.core.names import ModelName, VersionRef
 from service.core.plan import Plan, Policy
 from service.core.planner import plan as make_plan
 from service.core.safetensors_format import build_header
-from service.core.spec import ArchSpec, TensorSpec
+from service.core.spec import DTYPE_SIZES, ArchSpec, TensorSpec
 from service.errors import (
     Incompatible,
     InvalidAdapter,
@@ -325,6 +325,10 @@ def iter_layout(
                 yield from reader.chunks(piece, chunk, keep)
             elif (element := _constant_element(segment)) is not None:
                 yield from _repeat(element, piece.lo, piece.hi, chunk)
+            elif segment.elementwise:
+                yield from transform_elementwise(
+                    segment, piece.lo, piece.hi, reader.chunks(piece, chunk, keep), chunk
+                )
             else:
                 out = transform(segment, reader.gather(piece))
                 reader.release(keep)
@@ -468,6 +472,44 @@ def transform(segment: Transformed, raw: bytearray | memoryview) -> memoryview:
             f"{ops.dtype_code(result.dtype)}, expected {list(target.shape)} {target.dtype}"
         )
     return tensor_bytes(result)  # a view of the result: no copy on the way out
+
+
+def transform_elementwise(
+    segment: Transformed,
+    lo: int,
+    hi: int,
+    source: Iterator[memoryview],
+    chunk: int,
+) -> Iterator[memoryview]:
+    """Target bytes ``[lo, hi)`` of an elementwise segment (a cast, say), computed from the
+    source bytes of the elements they cover (``source``, in order) a piece at a time: the
+    server holds a piece and its cast, never the whole tensor and its copy."""
+    assert segment.source is not None
+    metrics.TENSORS_DECODED.inc()
+    source_dtype = ops.TORCH_DTYPES[segment.source.dtype]
+    source_size = DTYPE_SIZES[segment.source.dtype]
+    casts = [op for op in segment.entry.ops if op.get("op") == "cast"]  # reshapes move nothing
+    first, _ = segment.elements(lo, hi)
+    skip = lo - first * DTYPE_SIZES[segment.target.dtype]  # bytes of the first element before lo
+    remaining = hi - lo
+    carry = bytearray()  # a source element split between two pieces
+    for data in source:
+        if carry:
+            carry += data
+            data, carry = memoryview(carry), bytearray()
+        whole = len(data) - len(data) % source_size
+        carry = bytearray(data[whole:])
+        if whole == 0 or remaining == 0:
+            continue
+        result = ops.apply_chain(casts, torch.frombuffer(data[:whole], dtype=source_dtype))
+        out = tensor_bytes(result)[skip : skip + remaining]
+        skip = 0
+        remaining -= len(out)
+        yield from _pieces(out, chunk)
+    if remaining or carry:
+        raise StorageError(  # the layout and the stored bytes disagree: never serve it
+            f"elementwise transform of {segment.target.key!r} ran out of source bytes"
+        )
 
 
 def decode(raw: bytearray | memoryview, spec: TensorSpec) -> torch.Tensor:

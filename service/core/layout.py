@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.core.plan import Entry
-from service.core.spec import TensorSpec
+from service.core.spec import DTYPE_SIZES, TensorSpec
+
+# Ops that map element i of their input to element i of their output (in memory order):
+# a chain of them is computed a piece at a time, so a cast of a 1 GiB tensor holds a part,
+# not the tensor and its cast copy.
+ELEMENTWISE_OPS = frozenset({"cast", "reshape"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,20 @@ class Transformed:
     def length(self) -> int:
         return self.target.nbytes
 
+    @property
+    def elementwise(self) -> bool:
+        """Element i of the target is made from element i of the source alone."""
+        return (
+            self.source is not None
+            and self.source.numel == self.target.numel
+            and all(op.get("op") in ELEMENTWISE_OPS for op in self.entry.ops)
+        )
+
+    def elements(self, lo: int, hi: int) -> tuple[int, int]:
+        """The elements holding target bytes ``[lo, hi)`` (an elementwise segment)."""
+        size = DTYPE_SIZES[self.target.dtype]
+        return lo // size, -(-hi // size)
+
 
 Segment = HeaderBytes | StoredRange | Transformed
 
@@ -81,7 +100,8 @@ class Slice:
     """Bytes ``[lo, hi)`` of one segment, sent in body order.
 
     ``first_read``/``last_read`` index the reads holding the stored bytes the slice needs
-    (a transformed tensor needs its whole source); both are -1 when it needs none.
+    (a transformed tensor needs its whole source, an elementwise one only the elements it
+    covers); both are -1 when it needs none.
     """
 
     segment: Segment
@@ -119,9 +139,19 @@ def source_span(segment: Segment, lo: int, hi: int) -> tuple[int, int] | None:
     if isinstance(segment, StoredRange):
         span = segment.start + lo, segment.start + hi
     elif isinstance(segment, Transformed) and segment.source is not None:
+        if segment.elementwise:  # only the elements the slice covers
+            first, last = segment.elements(lo, hi)
+            size = DTYPE_SIZES[segment.source.dtype]
+            return _nonempty(
+                (segment.source_start + first * size, segment.source_start + last * size)
+            )
         span = segment.source_start, segment.source_start + segment.source.nbytes
     else:
         return None
+    return _nonempty(span)
+
+
+def _nonempty(span: tuple[int, int]) -> tuple[int, int] | None:
     return span if span[1] > span[0] else None
 
 

@@ -31,6 +31,14 @@ def cast(key: str, start: int, numel: int) -> Transformed:
     return Transformed(entry, source, start, TensorSpec(key, (numel,), "F32"))
 
 
+def transpose_cast(key: str, start: int, rows: int, cols: int) -> Transformed:
+    """A transform whose every target element may need any source element."""
+    ops = [{"op": "transpose", "dims": [1, 0]}, {"op": "cast"}]
+    entry = Entry(target=key, source=key, action="ops", stage="dtype", ops=ops)
+    source = TensorSpec(key, (rows, cols), "F16")
+    return Transformed(entry, source, start, TensorSpec(key, (cols, rows), "F32"))
+
+
 def body(segments, plan, stored: bytes, header: bytes = b"") -> bytes:
     """The body the plan's slices describe, fed only from the plan's reads (a cast is
     modelled as doubling each byte): proves every slice's bytes lie in its reads."""
@@ -48,8 +56,9 @@ def body(segments, plan, stored: bytes, header: bytes = b"") -> bytes:
         assert raw == stored[lo:hi]
         if isinstance(seg, StoredRange):
             out += raw
-        else:
-            out += bytes(b for b in raw for _ in (0, 1))[piece.lo : piece.hi]
+        else:  # the doubled bytes of the elements read, cut to the slice
+            offset = 2 * (lo - seg.source_start)
+            out += bytes(b for b in raw for _ in (0, 1))[piece.lo - offset : piece.hi - offset]
     return bytes(out)
 
 
@@ -126,13 +135,25 @@ def test_a_range_starting_inside_a_tensor_reads_only_what_it_sends() -> None:
     assert body(segments, plan, stored) == stored[50:200]
 
 
-def test_a_range_starting_inside_a_transformed_tensor_reads_its_whole_source() -> None:
+def test_a_range_starting_inside_a_cast_tensor_reads_only_the_elements_it_sends() -> None:
     segments = [HeaderBytes(b"H" * 8), cast("a", 0, 8), cast("b", 16, 8)]
+    assert segments[1].elementwise
     stored = bytes(range(32))
     plan = read_plan(segments, 8 + 20, 8 + 64, gap=0, part=1000)
-    assert plan.reads == (Read(0, 32),)  # a's source whole, though only its tail is sent
+    assert plan.reads == (Read(10, 32),)  # a's elements 5-7 (bytes 10-16), then b
     assert plan.slices[0].lo == 20 and plan.length == 44
     assert body(segments, plan, stored)[:12] == bytes(b for b in stored[10:16] for _ in (0, 1))
+    # A range ending inside an element needs that whole element.
+    inside = read_plan(segments, 8 + 21, 8 + 23, gap=0, part=1000)
+    assert inside.reads == (Read(10, 12),)
+
+
+def test_a_range_starting_inside_a_transposed_tensor_reads_its_whole_source() -> None:
+    segments = [HeaderBytes(b"H" * 8), transpose_cast("a", 0, 2, 4), cast("b", 16, 8)]
+    assert not segments[1].elementwise
+    plan = read_plan(segments, 8 + 20, 8 + 64, gap=0, part=1000)
+    assert plan.reads == (Read(0, 32),)  # a's source whole, though only its tail is sent
+    assert plan.slices[0].span == (0, 16)
 
 
 def test_a_resumed_range_and_a_tensor_at_the_very_end() -> None:
