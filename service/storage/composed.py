@@ -114,14 +114,27 @@ class ComposedBlob:
         return bytes(out)
 
     def iter_range(self, digest: str, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
-        """The range in windows of ``STREAM_WINDOW`` bytes, each read as ``read_range``
-        reads (memory: one window)."""
+        """The range in order: an extent piece of at least ``STREAM_WINDOW`` bytes (a shard
+        of a folder version) as one stream of its blob, runs of smaller pieces (the
+        tensor-by-tensor alternation of a deduplicated version) in windows read as
+        ``read_range`` reads. Memory: one window; requests: one per large piece, about one
+        per window and blob for the small ones."""
         assert digest == self._digest
         if start < 0 or end > self.size or start > end:
             raise StorageError(f"range [{start}, {end}) is outside composed blob {self._digest}")
         window = max(chunk_size, STREAM_WINDOW)
+        run_start = position = start  # logical bytes [run_start, position) are small pieces
+        for extent, lo, hi in self._pieces(start, end):
+            if hi - lo >= window:
+                yield from self._windows(run_start, position, window, chunk_size)
+                yield from self._blobs.iter_range(extent.blob, lo, hi, chunk_size)
+                run_start = position + hi - lo
+            position += hi - lo
+        yield from self._windows(run_start, position, window, chunk_size)
+
+    def _windows(self, start: int, end: int, window: int, chunk_size: int) -> Iterator[bytes]:
         for lo in range(start, end, window):
-            data = self.read_range(digest, lo, min(lo + window, end))
+            data = self.read_range(self._digest, lo, min(lo + window, end))
             if len(data) <= chunk_size:
                 yield data
                 continue

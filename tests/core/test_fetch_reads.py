@@ -29,7 +29,7 @@ from service.fitting import FetchLayout, iter_layout, layout_fetch, source_spec
 from service.integrity import BlobCorrupted, VerifiedBlob
 from service.settings import Settings
 from service.storage.blobs import LocalBlobStore
-from service.storage.composed import ComposedBlob, Extent
+from service.storage.composed import STREAM_WINDOW, ComposedBlob, Extent
 from service.storage.models import Model, Version
 from tests._shapes import resnet50_like, spec_json
 
@@ -404,6 +404,51 @@ def test_a_composed_version_is_read_with_a_request_per_blob_not_per_extent(
     streamed = b"".join(composed.iter_range("composed", 10, composed.size, 999))
     assert streamed == expected[10:]
     assert store.requests == 6  # two per range asked for
+
+
+def test_a_folder_version_streams_each_shard_once_and_windows_the_small_pieces(
+    store: CountingStore, tmp_path: Path
+) -> None:
+    """An exact fetch of a sharded folder version streams its logical bytes: a header
+    (small, its own blob), then each shard's tensor bytes (a piece of STREAM_WINDOW or more).
+    Each large piece is one stream of its shard, whatever the window; before, every 8 MiB
+    window was a request of its own (320 for a 2 GiB repository on S3)."""
+    generator = torch.Generator().manual_seed(6)
+    big = STREAM_WINDOW + 12_345
+    datas = [
+        bytes(torch.randint(0, 256, (size,), generator=generator, dtype=torch.uint8))
+        for size in (big, 2 * big, 3_000, big)
+    ]
+    digests = []
+    for number, data in enumerate(datas):
+        path = tmp_path / f"shard{number}"
+        path.write_bytes(data)
+        digests.append(hashlib.sha256(data).hexdigest())
+        store.put_file(digests[-1], path)
+    # header piece, shard 0 minus its first 8 bytes, two small pieces, shards 1 and 3 whole
+    extents = [
+        Extent(digests[2], 0, 1_000),
+        Extent(digests[0], 8, big),
+        Extent(digests[2], 1_000, 1_500),
+        Extent(digests[2], 2_000, 3_000),
+        Extent(digests[1], 0, 2 * big),
+        Extent(digests[3], 0, big),
+    ]
+    expected = b"".join(datas[digests.index(e.blob)][e.start : e.end] for e in extents)
+    composed = ComposedBlob(store, "composed", extents)
+
+    streamed = b"".join(composed.iter_range("composed", 0, composed.size, 1 << 20))
+    assert streamed == expected
+    shard_streams = [r for r in store.streams if r[1] - r[0] >= STREAM_WINDOW]
+    assert sorted(shard_streams) == sorted([(8, big), (0, 2 * big), (0, big)])
+    assert len(store.streams) == 3
+    assert len(store.reads) == 2  # the header piece; the two small pieces as one read
+    # A range starting inside a shard and ending inside another.
+    store.reads.clear()
+    store.streams.clear()
+    lo, hi = 1_000 + 5_000, composed.size - 77
+    assert b"".join(composed.iter_range("composed", lo, hi, 4096)) == expected[lo:hi]
+    assert store.requests == 4
 
 
 def test_a_fetch_dropped_early_stops_reading_and_leaves_no_threads(
