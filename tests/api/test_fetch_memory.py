@@ -19,6 +19,18 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+def fetch_measuring_growth(
+    hub: Client, server: ServerProcess, ref: str, target: dict[str, object]
+) -> dict[str, torch.Tensor]:
+    """Fetch ``ref`` into ``target``; assert the server's peak RSS grew by under the bound."""
+    reset_peak_rss(server.pid)
+    baseline = server.rss_bytes()
+    fitted = hub.fetch(ref, target=target)
+    growth = server.rss_peak_bytes() - baseline
+    assert growth < ALLOWED_GROWTH, f"server grew by {growth / MiB:.0f} MiB"
+    return fitted
+
+
 def test_transforming_fetch_of_a_large_checkpoint_keeps_server_memory_flat(
     hub: Client, server: ServerProcess, ns: str
 ) -> None:
@@ -35,12 +47,8 @@ def test_transforming_fetch_of_a_large_checkpoint_keeps_server_memory_flat(
         "tensors": [{"key": k, "shape": [ROWS, COLS], "dtype": "F32"} for k in source],
         "tie_groups": [],
     }
-    reset_peak_rss(server.pid)
-    baseline = server.rss_bytes()
-    fitted = hub.fetch(f"{ns}/big", target=target)
-    growth = server.rss_peak_bytes() - baseline
+    fitted = fetch_measuring_growth(hub, server, f"{ns}/big", target)
 
-    assert growth < ALLOWED_GROWTH, f"server grew by {growth / MiB:.0f} MiB"
     assert checkpoint_bytes > 2 * ALLOWED_GROWTH
     assert list(fitted) == list(source)
     for key in ("layers.0.weight", f"layers.{TENSORS - 1}.weight"):
@@ -67,12 +75,8 @@ def test_a_cast_of_one_tensor_far_over_the_memory_bound_is_computed_a_piece_at_a
         "tie_groups": [],
     }
 
-    reset_peak_rss(server.pid)
-    baseline = server.rss_bytes()
-    fitted = hub.fetch(f"{ns}/head", target=target)
-    growth = server.rss_peak_bytes() - baseline
+    fitted = fetch_measuring_growth(hub, server, f"{ns}/head", target)
 
-    assert growth < ALLOWED_GROWTH, f"server grew by {growth / MiB:.0f} MiB"
     assert fitted["lm_head.weight"].dtype == torch.float32
     assert torch.equal(fitted["lm_head.weight"], head.float())
     assert torch.equal(fitted["norm.weight"], torch.ones(cols))
