@@ -19,7 +19,7 @@ from statehub import Client
 def main() -> None:
     url, ref, layers, classes = sys.argv[1:5]
     target = target_net(int(layers), int(classes))
-    with Client(url) as hub:
+    with Client(url, cache=False) as hub:
         baseline = proc_status_kib(os.getpid(), "VmRSS")
         result = hub.fetch(ref, target=target)
         peak = proc_status_kib(os.getpid(), "VmHWM")

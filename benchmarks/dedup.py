@@ -45,7 +45,7 @@ def fine_tune(backbone: dict[str, torch.Tensor], seed: int) -> dict[str, torch.T
 
 def measure(stack: Stack, backbone_mib: int, tunes: int = 10) -> DedupResult:
     backbone = body_state_dict(backbone_mib, torch.float32, CLASSES, seed=7)
-    with stack.server() as server, Client(server.url) as hub:
+    with stack.server() as server, Client(server.url, cache=False) as hub:
         first_s, _ = seconds(lambda: hub.push("ft/backbone", backbone))
         logical, times = nbytes(backbone), []
         for i in range(tunes):

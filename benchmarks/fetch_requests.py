@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         try:
-            with Client(server.url) as hub:
+            with Client(server.url, cache=False) as hub:
                 for number, case in enumerate(cases(opts.width)):
                     raw = st_save(case.source)
                     path = Path(scratch) / f"case{number}.safetensors"

@@ -67,7 +67,7 @@ def measure(stack: Stack, sizes: Sequence[int], repeats: int | None = None) -> l
     rows = []
     with (
         stack.server() as server,
-        Client(server.url) as hub,
+        Client(server.url, cache=False) as hub,
         httpx.Client(base_url=server.url, timeout=120) as http,
     ):
         for size in sizes:

@@ -125,7 +125,7 @@ def main() -> None:
     names = [model_name(case.key, args.size) for case in cases]
     with Services() as services, tempfile.TemporaryDirectory() as scratch:
         stack = services.stack()
-        with stack.server() as server, Client(server.url) as hub:
+        with stack.server() as server, Client(server.url, cache=False) as hub:
             pids = {"client": os.getpid(), "server": server.pid, "moto": stack.moto_pid}
             cpu_split("push a (new bytes)", pids, lambda: hub.push(names[0], cases[0].source))
             fresh = body_state_dict(args.size, torch.float32, CLASSES, seed=2**31 - 1)

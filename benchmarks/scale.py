@@ -340,7 +340,7 @@ def run_probe(args: dict[str, Any]) -> dict[str, Any]:
     Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
     baseline = _rss_kib()
     answer: dict[str, Any] = {}
-    with Client(args["url"], timeout=600) as hub:
+    with Client(args["url"], timeout=600, cache=False) as hub:
         started = time.perf_counter()
         if mode in ("exact", "cast"):
             assert model is not None
@@ -465,7 +465,7 @@ def measure(backend: Backend, repo: Repo, finetune: Path, *, seed: int) -> Backe
 
     from statehub import Client
 
-    with Client(backend.url, timeout=600) as hub:
+    with Client(backend.url, timeout=600, cache=False) as hub:
         row, version = step("push folder", lambda: hub.push(name, repo.folder))
         row.new_bytes = _tree_bytes(repo.folder)
         ref = version.ref
@@ -497,7 +497,7 @@ def measure(backend: Backend, repo: Repo, finetune: Path, *, seed: int) -> Backe
     row.seconds, row.new_bytes = answer["seconds"], repo.head_bytes
     row.client_mib = answer["peak_kib"] / 1024
     row.note = f"{answer['version']}; client peak over the loaded state_dict"
-    with Client(backend.url, timeout=600) as hub:
+    with Client(backend.url, timeout=600, cache=False) as hub:
         row, version = step("push head-only fine-tune (folder)", lambda: hub.push(name, finetune))
         row.new_bytes = repo.head_bytes
         changed = finetune / repo.weight_map["lm_head.weight"]

@@ -527,6 +527,8 @@ class FetchResult:
     start: int
     end: int
     partial: bool
+    # The client holds this body already (``If-None-Match`` named its ETag): send none.
+    not_modified: bool = False
     # How the body's stored bytes are read (``iter_layout``; the fetch_read_* settings).
     read_gap: int = 1024 * 1024
     read_part: int = 8 * 1024 * 1024
@@ -544,8 +546,10 @@ def prepare_fetch(
     policy: Policy,
     range_header: str | None,
     if_range: str | None,
+    if_none_match: str | None = None,
 ) -> FetchResult:
-    """Plan, refuse what the policy forbids, lay out the body and resolve the range."""
+    """Plan, refuse what the policy forbids, lay out the body and resolve the range; a
+    body the client already holds (``If-None-Match``) is not modified, and no store is read."""
     version, plan = plan_version(
         session=session, name=name, ref=ref, target=target, policy=policy, settings=settings
     )
@@ -555,11 +559,13 @@ def prepare_fetch(
             + "; ".join(plan.reasons[:5]),
             detail={"plan": plan.to_json()},
         )
-    if version.extents is None and blobs.size(version.digest) != version.size:
-        raise StorageError(f"stored blob {version.digest} has the wrong size")
     layout = layout_fetch(version, plan, target, settings)
     total = layout.length
-    wanted = None if if_range and if_range.strip('"') != layout.etag else range_header
+    if layout_rules.etag_matches(if_none_match, layout.etag):
+        return FetchResult(version, layout, 0, total, partial=False, not_modified=True)
+    if version.extents is None and blobs.size(version.digest) != version.size:
+        raise StorageError(f"stored blob {version.digest} has the wrong size")
+    wanted = range_header if layout_rules.range_applies(if_range, layout.etag) else None
     byte_range = parse_range(wanted, total)
     start, end = byte_range or (0, total)
     log.debug(

@@ -178,7 +178,8 @@ BYTES_FETCHED = Counter("statehub_fetch_bytes_total", "Bytes of fetch bodies sen
 FETCHES = Counter(
     "statehub_fetches_total",
     "Fetches by how the body was served: passthrough, rewrite, transform, cached (a fit "
-    "cache hit streamed) or redirect (303 to a presigned store URL).",
+    "cache hit streamed), redirect (303 to a presigned store URL) or not_modified (304: the "
+    "client's cache holds the body).",
     labels=("mode",),
 )
 FIT_CACHE = Counter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(autouse=True)
+def client_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's clients (and CLI runs) keep fetched bodies in a cache of its own."""
+    root = tmp_path_factory.mktemp("statehub-cache")
+    monkeypatch.setenv("STATEHUB_CACHE", str(root))
+    monkeypatch.delenv("STATEHUB_OFFLINE", raising=False)
+    return root
 
 
 @pytest.fixture(scope="session")

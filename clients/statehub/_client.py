@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -20,9 +21,18 @@ import httpx
 import torch
 
 from statehub import _dedup, _folders
+from statehub._cache import (
+    Cache,
+    CachedBody,
+    Receiver,
+    default_root,
+    max_bytes_from_env,
+    offline_from_env,
+)
 from statehub._errors import (
     ConnectionFailed,
     IntegrityError,
+    NotCached,
     NotFound,
     StatehubError,
     StatehubWarning,
@@ -60,6 +70,7 @@ POLICY_KEYS = (
 )
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 CHUNK = 1024 * 1024
+Chunk = bytes | memoryview
 
 
 class Progress(Protocol):
@@ -107,6 +118,12 @@ class Client:
         token: bearer token; default ``STATEHUB_TOKEN``.
         timeout: seconds to wait for the server to answer (not for a whole transfer).
         retries: attempts for idempotent calls on connection errors and 408/429/5xx.
+        cache: where fetched and pulled bodies are kept (default ``STATEHUB_CACHE`` or
+            ``~/.cache/statehub``, at most ``STATEHUB_CACHE_MAX_BYTES``, 50 GiB); a repeated
+            fetch revalidates with ``If-None-Match`` and loads a ``304`` from there.
+            ``False``: no cache.
+        offline: answer fetches and pulls from the cache alone, with no request (default
+            ``STATEHUB_OFFLINE``); what it lacks raises :class:`NotCached`.
 
     Example:
         >>> hub = Client()
@@ -122,8 +139,17 @@ class Client:
         *,
         timeout: float = 60.0,
         retries: int = 3,
+        cache: str | os.PathLike[str] | bool | None = None,
+        offline: bool | None = None,
     ) -> None:
         self.url = (url or os.environ.get("STATEHUB_URL") or DEFAULT_URL).rstrip("/")
+        self.offline = offline_from_env() if offline is None else offline
+        self.cache: Cache | None = None
+        if cache is not False:
+            root = default_root() if cache is None or cache is True else Path(cache)
+            self.cache = Cache(root, max_bytes_from_env())
+        if self.offline and self.cache is None:
+            raise ValueError("offline=True serves from the cache: it needs one (cache=False)")
         token = token or os.environ.get("STATEHUB_TOKEN")
         headers = {"User-Agent": "statehub-client/0.1"}
         if token:
@@ -746,11 +772,12 @@ class Client:
             raise TypeError("assign=True loads into the target: pass load=True as well")
         model, version = split_ref(ref)
         body = {"target": spec_of(target), "policy": _policy(policy)}
+        key = Cache.key("fetch", self.url, model, version, body)
         valueless = valueless_keys(target)
-        if valueless:
+        if valueless and not self.offline:  # offline, _complete refuses what lacks values
             version = self._plan_before_fetch(model, version, body, valueless)
         path = f"/v1/models/{model}/versions/{version}/fetch"
-        stream = _ResumableBody(self, "POST", path, body)
+        stream = self._open_body(key, "fetch", ref, "POST", path, body)
         if load:
             loader = ModuleLoader(target, assign=assign, device=place)
             metadata = self._fetch_stream(stream, progress, loader)
@@ -816,37 +843,80 @@ class Client:
         if target is None:
             if policy:
                 raise TypeError("policy options need a target; without one pull stores as is")
-            stream = _ResumableBody(self, "GET", f"{base}/blob", None)
+            key = Cache.key("pull", self.url, model, version)
+            stream = self._open_body(key, "pull", ref, "GET", f"{base}/blob", None)
         else:
             body = {"target": spec_of(target), "policy": _policy(policy)}
-            stream = _ResumableBody(self, "POST", f"{base}/fetch", body)
+            key = Cache.key("fetch", self.url, model, version, body)
+            stream = self._open_body(key, "fetch", ref, "POST", f"{base}/fetch", body)
         return _download(stream, Path(path), progress, verify_digest=target is None)
 
-    def _fetch_stream(
-        self, stream: _ResumableBody, progress: Progress | None, sink: TensorSink
-    ) -> dict[str, str]:
-        """The fetch body into ``sink`` tensor by tensor; its length and (where announced)
-        digest checked. Returns the header's metadata."""
-        hasher = _BackgroundSha256()
+    def _open_body(
+        self, key: str, kind: str, ref: str, method: str, path: str, body: dict[str, Any] | None
+    ) -> _Body:
+        """The body of a fetch or pull, opened: from the cache when the server says the
+        cached one is current (``304``) or when offline, else from the server, kept in the
+        cache as it arrives."""
+        cached = self.cache.lookup(key) if self.cache is not None else None
+        if self.offline:
+            if cached is None:
+                raise NotCached(
+                    f"{ref} (this {kind}) is not in the cache at {self.cache and self.cache.root} "
+                    "and STATEHUB_OFFLINE is set: fetch it once online"
+                )
+            return _CachedBody(cached)
+        stream = _ResumableBody(
+            self, method, path, body, if_none_match=cached.etag if cached else None
+        )
         try:
             stream.open()
-            chunks = stream.chunks(progress)
-            if stream.body_digest:  # a stored or cached blob as it is: its digest is known
-                chunks = hasher.wrap(chunks)
-            reader = StreamReader(chunks)
+        except BaseException:
+            if cached is not None:
+                cached.close()
+            raise
+        if stream.not_modified and cached is not None:
+            return _CachedBody(cached)
+        if cached is not None:
+            cached.close()
+        if self.cache is not None and self.cache.can_hold(stream.total):
+            stream.receiver = self.cache.receive(key, kind=kind, ref=ref)
+        return stream
+
+    def _fetch_stream(
+        self, stream: _Body, progress: Progress | None, sink: TensorSink
+    ) -> dict[str, str]:
+        """The fetch body into ``sink`` tensor by tensor; its length and (where announced)
+        digest checked, and kept in the cache if it is being received. Returns the
+        header's metadata."""
+        hasher = _BackgroundSha256()
+        receiver = stream.receiver
+        try:
             try:
-                metadata = read_into(reader, sink)
-            except EOFError as exc:
-                raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
+                stream.open()
+                chunks = stream.chunks(progress)
+                if stream.body_digest or receiver:  # to check it, or to name it in the cache
+                    chunks = hasher.wrap(chunks)
+                if receiver is not None:
+                    chunks = receiver.wrap(chunks)
+                reader = StreamReader(chunks)
+                try:
+                    metadata = read_into(reader, sink)
+                except EOFError as exc:
+                    raise IntegrityError(f"the fetch stream ended early: {exc}") from exc
+            finally:
+                stream.close()
+                hasher.close()
+            if reader.consumed != stream.total:
+                raise IntegrityError(
+                    f"read {reader.consumed} bytes of a {stream.total}-byte fetch response"
+                )
+            if stream.body_digest:
+                _check_digest(stream, hasher.hexdigest())
+            if receiver is not None:
+                receiver.commit(digest=hasher.hexdigest(), etag=stream.etag, size=stream.total)
         finally:
-            stream.close()
-            hasher.close()
-        if reader.consumed != stream.total:
-            raise IntegrityError(
-                f"read {reader.consumed} bytes of a {stream.total}-byte fetch response"
-            )
-        if stream.body_digest:
-            _check_digest(stream, hasher.hexdigest())
+            if receiver is not None:
+                receiver.close()  # what was not committed
         return metadata
 
     @staticmethod
@@ -917,7 +987,7 @@ class _BackgroundSha256:
     def __init__(self) -> None:
         self._hasher = hashlib.sha256()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUED)
-        self._batch: list[bytes] = []
+        self._batch: list[Chunk] = []
         self._batched = 0
         self._thread = threading.Thread(target=self._run, name="statehub-sha256", daemon=True)
         self._thread.start()
@@ -926,7 +996,7 @@ class _BackgroundSha256:
         while (batch := self._queue.get()) is not None:
             self._hasher.update(batch)
 
-    def wrap(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def wrap(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for chunk in chunks:
             self._batch.append(chunk)
             self._batched += len(chunk)
@@ -1012,14 +1082,14 @@ def _counted(
             progress(done, total)
 
 
-def _download(
-    stream: _ResumableBody, path: Path, progress: Progress | None, *, verify_digest: bool
-) -> Path:
-    """Write a response body to ``path`` atomically: ``.incomplete`` temp, then rename."""
+def _download(stream: _Body, path: Path, progress: Progress | None, *, verify_digest: bool) -> Path:
+    """Write a response body to ``path`` atomically: ``.incomplete`` temp, then rename; and
+    into the cache, if it is being received."""
     path = path.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
     digest = _BackgroundSha256()
+    receiver = stream.receiver
     written = 0
     try:
         stream.open()
@@ -1029,25 +1099,33 @@ def _download(
                 errno.ENOSPC,
                 f"{path.parent} has {free} bytes free; the file needs {stream.total}",
             )
+        chunks = stream.chunks(progress)
+        if receiver is not None:
+            chunks = receiver.wrap(chunks)
         with open(partial, "wb") as handle:
-            for chunk in digest.wrap(stream.chunks(progress)):
+            for chunk in digest.wrap(chunks):
                 handle.write(chunk)
                 written += len(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         if written != stream.total:
             raise IntegrityError(f"received {written} of {stream.total} bytes")
+        actual = digest.hexdigest()
         if verify_digest or stream.body_digest:
-            _check_digest(stream, digest.hexdigest())
+            _check_digest(stream, actual)
         os.replace(partial, path)
+        if receiver is not None:
+            receiver.commit(digest=actual, etag=stream.etag, size=written)
     finally:
         stream.close()
         digest.close()
         partial.unlink(missing_ok=True)
+        if receiver is not None:
+            receiver.close()
     return path
 
 
-def _check_digest(stream: _ResumableBody, actual: str) -> None:
+def _check_digest(stream: _Body, actual: str) -> None:
     """The bytes arrived unchanged: their sha256 is the digest the server announced (the
     body's own, ``X-Statehub-Body-Digest``; from older servers the stored blob's)."""
     expected = stream.body_digest or stream.digest or stream.etag.strip('"')
@@ -1076,8 +1154,13 @@ class _ResumableBody:
         path: str,
         body: dict[str, Any] | None,
         resumes: int = 3,
+        *,
+        if_none_match: str | None = None,
     ) -> None:
         self._client = client
+        self._if_none_match = if_none_match  # the cached body's ETag: a 304 says it is current
+        self.not_modified = False
+        self.receiver: Receiver | None = None  # the cache, keeping the body as it arrives
         self._method = method
         self._path = path
         self._body = body
@@ -1104,6 +1187,8 @@ class _ResumableBody:
         headers = {"X-Statehub-Client-Verifies": "sha256"}
         if received:
             headers |= {"Range": f"bytes={received}-", "If-Range": self.etag}
+        elif self._if_none_match:
+            headers["If-None-Match"] = self._if_none_match
         http = self._client._http
         response = self._client._send(
             lambda: http.build_request(
@@ -1161,8 +1246,15 @@ class _ResumableBody:
             raise ConnectionFailed(f"cannot reach the blob store: {exc}") from exc
 
     def open(self) -> None:
-        """Send the request; afterwards ``total``, ``etag`` and the digests are known."""
+        """Send the request; afterwards ``total``, ``etag`` and the digests are known, or
+        ``not_modified`` is set (the cached body is current; there is no body)."""
+        if self._response is not None:
+            return
         self._response = self._request(0)
+        if self._response.status_code == 304:
+            self.not_modified = True
+            self._response.close()
+            return
         self.total = int(self._response.headers["content-length"])
         if self._location:
             self._store_etag = self._response.headers.get("etag", "")
@@ -1176,10 +1268,9 @@ class _ResumableBody:
             self.digest if self.passthrough else ""
         )
 
-    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+    def chunks(self, progress: Progress | None = None) -> Iterator[Chunk]:
         """The body's bytes, in order, across as many resumed requests as it takes."""
-        if self._response is None:
-            self.open()
+        self.open()
         assert self._response is not None
         received = 0
         resumes = self._resumes
@@ -1207,3 +1298,40 @@ class _ResumableBody:
     def close(self) -> None:
         if self._response is not None:
             self._response.close()
+
+
+class _CachedBody:
+    """A body from the cache, with the reading surface of :class:`_ResumableBody`: its
+    digest was checked when it was stored (or, changed since, when it was looked up), so
+    it is read memory-mapped without hashing it again."""
+
+    CHUNK = 16 * 1024 * 1024
+
+    def __init__(self, cached: CachedBody) -> None:
+        self._cached = cached
+        self.total = cached.size
+        self.etag = cached.etag
+        self.digest = cached.digest
+        self.body_digest = ""  # checked already
+        self.receiver: Receiver | None = None
+
+    def open(self) -> None:
+        pass
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[Chunk]:
+        if self.total == 0:
+            return
+        # The views keep the map alive; it closes when the last one is released.
+        view = memoryview(mmap.mmap(self._cached.handle.fileno(), 0, access=mmap.ACCESS_READ))
+        for start in range(0, self.total, self.CHUNK):
+            if progress is not None:
+                progress(start, self.total)
+            yield view[start : start + self.CHUNK]
+        if progress is not None:
+            progress(self.total, self.total)
+
+    def close(self) -> None:
+        self._cached.close()
+
+
+_Body = _ResumableBody | _CachedBody

@@ -137,6 +137,12 @@ class IntegrityError(StatehubError):
     code = "integrity_error"
 
 
+class NotCached(StatehubError, LookupError):
+    """Offline (``STATEHUB_OFFLINE``), and the cache holds no answer to this request."""
+
+    code = "not_cached"
+
+
 _BY_CODE: dict[str, type[StatehubError]] = {
     cls.code: cls
     for cls in (

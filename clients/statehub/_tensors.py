@@ -345,7 +345,7 @@ def iter_safetensors(
 class StreamReader:
     """Exact reads over an iterator of byte chunks, copying straight into destinations."""
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
+    def __init__(self, chunks: Iterator[bytes | memoryview]) -> None:
         self._chunks = chunks
         self._buffer = memoryview(b"")
         self.consumed = 0

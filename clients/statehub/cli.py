@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import torch
 
+from statehub._cache import Cache, default_root, max_bytes_from_env
 from statehub._client import Client, Progress, split_ref
 from statehub._errors import ConnectionFailed, StatehubError
 from statehub._gate import REQUIREMENTS, GateResult, evaluate, junit_xml
@@ -1153,6 +1155,65 @@ def gc(ctx: click.Context, dry_run: bool, grace: int | None, as_json: bool) -> N
     if evicted:
         verb = "would evict" if report["dry_run"] else "evicted"
         click.echo(f"{verb} {evicted} unused fit cache entr{'y' if evicted == 1 else 'ies'}")
+
+
+@main.group()
+def cache() -> None:
+    """The local cache of fetched and pulled bodies [env STATEHUB_CACHE, ~/.cache/statehub]."""
+
+
+def _local_cache() -> Cache:
+    return Cache(default_root(), max_bytes_from_env())
+
+
+@cache.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_ls(as_json: bool) -> None:
+    """What the cache answers, most recently used first."""
+    local = _local_cache()
+    entries = local.entries()
+    if as_json:
+        _echo_json([dataclasses.asdict(entry) for entry in entries])
+        return
+    if not entries:
+        click.echo(f"the cache at {local.root} is empty", err=True)
+        return
+    rows = [
+        [e.ref, e.kind, _human_bytes(e.size), e.digest[:12], _ago(e.last_used)] for e in entries
+    ]
+    click.echo(_table(["REF", "KIND", "SIZE", "DIGEST", "USED"], rows))
+    click.echo(
+        f"{_human_bytes(local.size())} in {local.root} "
+        f"(bound {_human_bytes(local.max_bytes)}, STATEHUB_CACHE_MAX_BYTES)",
+        err=True,
+    )
+
+
+@cache.command(name="prune")
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=0),
+    help="Keep at most this many bytes [default: STATEHUB_CACHE_MAX_BYTES, 50 GiB].",
+)
+def cache_prune(max_bytes: int | None) -> None:
+    """Evict the least recently used bodies down to the bound."""
+    freed = _local_cache().prune(max_bytes)
+    click.echo(f"freed {_human_bytes(freed)}")
+
+
+@cache.command(name="clear")
+def cache_clear() -> None:
+    """Remove every cached body."""
+    freed = _local_cache().clear()
+    click.echo(f"freed {_human_bytes(freed)}")
+
+
+def _ago(timestamp: float) -> str:
+    seconds = max(0.0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def plan(
     responses={
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "the requested byte range"},
+        304: {"description": "not modified: the client holds the body ``If-None-Match`` names"},
         303: {"description": "the body is at ``Location``, a presigned blob store URL"},
         409: {"description": "incompatible: the policy forbids what the fit needs"},
     },
@@ -87,13 +88,16 @@ def fetch(
     principal: PrincipalDep,
     range_header: str | None = Header(default=None, alias="range"),
     if_range: str | None = Header(default=None, alias="if-range"),
+    if_none_match: str | None = Header(default=None, alias="if-none-match"),
     verifies: str | None = Header(default=None, alias=CLIENT_VERIFIES),
 ) -> Response:
     """A safetensors stream of the checkpoint fitted to the target.
 
     ``__metadata__`` carries the plan, the keys the target keeps (``statehub.keep_target``)
     and tied keys written once (``statehub.tied``). ``ETag`` identifies digest + plan;
-    ``Range`` (with ``If-Range``) resumes an interrupted fetch.
+    ``Range`` (with ``If-Range``) resumes an interrupted fetch; ``If-None-Match`` naming
+    the ETag is answered ``304`` without a body and without reading the store (the
+    client's cache holds it).
 
     ``X-Statehub-Fetch-Mode`` says how the body is made: ``passthrough`` (the stored blob),
     ``rewrite``, ``transform``, or ``cached`` (a fitted body kept by the fit cache);
@@ -112,9 +116,14 @@ def fetch(
         policy=body.policy.to_policy(),
         range_header=range_header,
         if_range=if_range,
+        if_none_match=if_none_match,
     )
     layout = result.layout
     headers = _headers(result)
+    if result.not_modified:
+        metrics.FETCHES.inc("not_modified")
+        kept = {k: v for k, v in headers.items() if k not in ("Content-Length", "Accept-Ranges")}
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=kept)
     if layout.mode == "passthrough":
         headers["X-Statehub-Body-Digest"] = result.version.digest
         if _whole_stored_blob(result) and (url := _presigned(blobs, settings, headers)):

@@ -22,6 +22,7 @@ from service.api.deps import (
 )
 from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
 from service.core.jsondata import parse_metadata
+from service.core.layout import etag_matches, range_applies
 from service.core.names import ModelName, validate_alias, validate_segment
 from service.errors import StorageError
 from service.fitting import parse_range
@@ -152,7 +153,7 @@ async def upload_version(
       ``Content-Type: application/x-tar``, holding one ``*.safetensors.index.json`` and the
       shards its ``weight_map`` names, relative to the index (``tar -cf - -C model_dir
       model.safetensors.index.json model-00001-of-00002.safetensors ...``). The shards are
-      merged into one stored file, tensors in the index's order. At most 4096 members,
+      merged into one stored file, shard after shard as they lie. At most 4096 members,
       regular files and directories only, no absolute or ``..`` names; other members
       (``config.json``) are ignored and listed in the report.
 
@@ -295,11 +296,13 @@ def blob_response(
     a presigned redirect where configured, checked against the digest; HEAD gets the headers
     alone, from stored metadata."""
     etag = f'"{digest}"'
+    headers = {"ETag": etag, "X-Statehub-Digest": digest, "X-Statehub-Body-Digest": digest}
+    if etag_matches(request.headers.get("if-none-match"), digest):  # the client has it
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     if_range = request.headers.get("if-range")
-    wanted = request.headers.get("range") if not if_range or if_range == etag else None
+    wanted = request.headers.get("range") if range_applies(if_range, digest) else None
     byte_range = parse_range(wanted, size)
     start, end = byte_range or (0, size)
-    headers = {"ETag": etag, "X-Statehub-Digest": digest, "X-Statehub-Body-Digest": digest}
     headers |= {
         "Accept-Ranges": "bytes",
         "Content-Length": str(end - start),

@@ -86,6 +86,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
         "InvalidRef",
         "InvalidRequest",
         "InvalidSpec",
+        "NotCached",
         "NotFound",
         "Plan",
         "PlanEntry",

@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "STATEHUB_"
 SETTING = re.compile(r"\b(STATEHUB_[A-Z0-9_]+)\b")
 # Client-side variables (statehub.Client, the CLI) and the tests' own: not server settings.
-NOT_SERVER = {"STATEHUB_URL", "STATEHUB_TOKEN", "STATEHUB_TEST_DATABASE_URL"}
+NOT_SERVER = {
+    "STATEHUB_URL",
+    "STATEHUB_TOKEN",
+    "STATEHUB_CACHE",
+    "STATEHUB_CACHE_MAX_BYTES",
+    "STATEHUB_OFFLINE",
+    "STATEHUB_TEST_DATABASE_URL",
+}
 
 
 def env_names() -> set[str]:
