@@ -7,7 +7,8 @@ and commits one version with its files:
 
 - one ``.safetensors`` file: the version's bytes *are* that blob (same digest);
 - an index and its shards: the version is composed (``Version.extents``) of a header blob and
-  the shard blobs' data, in the index's order; the shards are stored once, as pushed;
+  the shard blobs' data, shard after shard as they lie (``merge_order``), so reading it reads
+  each shard as one run; the shards are stored once, as pushed;
 - one torch file: converted as a plain upload would be, the original kept as a file.
 
 A file blob uploaded but not yet committed is protected by gc's grace period, like a tensor
@@ -224,7 +225,7 @@ def _sharded(
     index_entry: FileEntry,
     files: Sequence[FileEntry],
 ) -> tuple[Ingested, dedup.Stored, list[str]]:
-    """An index and its shards: indexed where they lie, composed in the index's order."""
+    """An index and its shards: indexed where they lie, composed shard after shard."""
     limits = registry.limits_from(settings)
     if index_entry.size > limits.max_header_bytes:
         raise TooLarge(f"{index_entry.path} exceeds {limits.max_header_bytes} bytes")

@@ -11,7 +11,7 @@ What the upload is comes from its first bytes, never from its name:
   stored record, CUDA locations read on the CPU), and written as safetensors in state_dict
   order; keys that are the same view of the same bytes are written once, as a tie group;
 - **a tar of an HF-style sharded safetensors checkpoint** (index + shards): merged into one
-  file in the index's order (``service.core.sharded``).
+  file, shard after shard as they lie (``service.core.sharded.merge_order``).
 
 Why not ``torch.load(weights_only=True)`` first: with ``mmap=True`` it trusts the pickle's
 byte counts over the zip's record sizes (a short record is read past its end, into the next

@@ -225,17 +225,18 @@ def _no_constant(token: str) -> Any:
 def merge_order(
     index: ShardIndex, headers: Mapping[str, SafetensorsHeader]
 ) -> list[tuple[str, str, StoredTensor]]:
-    """(key, shard, tensor) in the index's order; the index and the shards must agree."""
+    """(key, shard, tensor) as the shards lay them out: shard by shard in name order
+    (``model-00001-of-00004`` first), each shard's tensors by their offset. So a version
+    composed of the shards reads each shard as one run of bytes, not a range per tensor
+    (the index lists keys sorted, which is no shard's order). The index and the shards
+    must agree."""
     by_shard = {shard: header.by_key() for shard, header in headers.items()}
-    order: list[tuple[str, str, StoredTensor]] = []
     for key, shard in index.weight_map.items():
-        stored = by_shard[shard].get(key)
-        if stored is None:
+        if key not in by_shard[shard]:
             raise InvalidCheckpoint(
                 f"the index puts {key!r} in {shard}, which does not hold it",
                 detail={"key": key, "shard": shard},
             )
-        order.append((key, shard, stored))
     for shard, tensors in by_shard.items():
         unlisted = [k for k in tensors if index.weight_map.get(k) != shard]
         if unlisted:
@@ -244,7 +245,11 @@ def merge_order(
                 f"e.g. {unlisted[0]!r}",
                 detail={"shard": shard, "keys": unlisted[:50]},
             )
-    return order
+    return [
+        (tensor.key, shard, tensor)
+        for shard in sorted(headers)
+        for tensor in headers[shard].tensors  # sorted by offset
+    ]
 
 
 def common_metadata(headers: Iterable[SafetensorsHeader]) -> dict[str, str]:

@@ -102,22 +102,28 @@ def index_json(weight_map: dict[str, str]) -> bytes:
     return json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}).encode()
 
 
-def test_the_merge_follows_the_index() -> None:
+def test_the_merge_lays_the_shards_out_one_after_another_as_they_lie() -> None:
     index = parse_index(
         "repo/model.safetensors.index.json",
-        index_json({"b": "m-1.safetensors", "a": "m-2.safetensors", "c": "m-1.safetensors"}),
+        index_json({"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}),
         limits=LIMITS,
     )
-    assert index.shards == ["repo/m-1.safetensors", "repo/m-2.safetensors"]
+    assert index.shards == ["repo/m-2.safetensors", "repo/m-1.safetensors"]
+    one = header_of(shard({"c": torch.ones(2, dtype=torch.float64), "b": torch.ones(3)}))
     headers = {
-        "repo/m-1.safetensors": header_of(shard({"b": torch.ones(2), "c": torch.ones(3)})),
         "repo/m-2.safetensors": header_of(shard({"a": torch.ones(1)})),
+        "repo/m-1.safetensors": one,
     }
-    assert [(k, s) for k, s, _ in merge_order(index, headers)] == [
+    assert [t.key for t in one.tensors] == ["c", "b"]  # safetensors: wider dtypes first
+    merged = merge_order(index, headers)
+    # m-1 before m-2 (names, not the index's first mention), each shard in its byte order:
+    # a version composed of them reads each shard as one run.
+    assert [(k, s) for k, s, _ in merged] == [
+        ("c", "repo/m-1.safetensors"),
         ("b", "repo/m-1.safetensors"),
         ("a", "repo/m-2.safetensors"),
-        ("c", "repo/m-1.safetensors"),
     ]
+    assert [stored.begin for _, s, stored in merged if s.endswith("m-1.safetensors")] == [0, 16]
 
 
 def test_index_and_shards_must_agree() -> None:
