@@ -535,23 +535,32 @@ class FetchResult:
     reads_in_flight: int = 4
 
 
+@dataclass(frozen=True)
+class FetchRequest:
+    """What a fetch asks: the version and target, the policy, and its HTTP conditions."""
+
+    name: ModelName
+    ref: VersionRef
+    target: ArchSpec
+    policy: Policy
+    range_header: str | None = None
+    if_range: str | None = None
+    if_none_match: str | None = None
+
+
 def prepare_fetch(
-    *,
-    session: Session,
-    blobs: BlobStore,
-    settings: Settings,
-    name: ModelName,
-    ref: VersionRef,
-    target: ArchSpec,
-    policy: Policy,
-    range_header: str | None,
-    if_range: str | None,
-    if_none_match: str | None = None,
+    *, session: Session, blobs: BlobStore, settings: Settings, request: FetchRequest
 ) -> FetchResult:
     """Plan, refuse what the policy forbids, lay out the body and resolve the range; a
     body the client already holds (``If-None-Match``) is not modified, and no store is read."""
+    name, if_range, if_none_match = request.name, request.if_range, request.if_none_match
     version, plan = plan_version(
-        session=session, name=name, ref=ref, target=target, policy=policy, settings=settings
+        session=session,
+        name=name,
+        ref=request.ref,
+        target=request.target,
+        policy=request.policy,
+        settings=settings,
     )
     if plan.verdict == "incompatible":
         raise Incompatible(
@@ -559,13 +568,13 @@ def prepare_fetch(
             + "; ".join(plan.reasons[:5]),
             detail={"plan": plan.to_json()},
         )
-    layout = layout_fetch(version, plan, target, settings)
+    layout = layout_fetch(version, plan, request.target, settings)
     total = layout.length
     if layout_rules.etag_matches(if_none_match, layout.etag):
         return FetchResult(version, layout, 0, total, partial=False, not_modified=True)
     if version.extents is None and blobs.size(version.digest) != version.size:
         raise StorageError(f"stored blob {version.digest} has the wrong size")
-    wanted = range_header if layout_rules.range_applies(if_range, layout.etag) else None
+    wanted = request.range_header if layout_rules.range_applies(if_range, layout.etag) else None
     byte_range = parse_range(wanted, total)
     start, end = byte_range or (0, total)
     log.debug(
