@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 import torch
+from safetensors import safe_open
 
 from statehub import _dedup, _folders
 from statehub._cache import (
@@ -774,19 +776,28 @@ class Client:
         body = {"target": spec_of(target), "policy": _policy(policy)}
         key = Cache.key("fetch", self.url, model, version, body)
         valueless = valueless_keys(target)
-        if valueless and not self.offline:  # offline, _complete refuses what lacks values
-            version = self._plan_before_fetch(model, version, body, valueless)
+        plan_first = None
+        if valueless:  # a cached body needs no plan: _complete refuses what lacks values
+
+            def plan_first() -> str:
+                digest_ref = self._plan_before_fetch(model, version, body, valueless)
+                return f"/v1/models/{model}/versions/{digest_ref}/fetch"
+
         path = f"/v1/models/{model}/versions/{version}/fetch"
-        stream = self._open_body(key, "fetch", ref, "POST", path, body)
+        stream = self._open_body(key, "fetch", ref, "POST", path, body, plan_first=plan_first)
         if load:
             loader = ModuleLoader(target, assign=assign, device=place)
             metadata = self._fetch_stream(stream, progress, loader)
             loader.finish()
             _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
             return dict(target.state_dict())
-        sink = DictSink(place)
-        metadata = self._fetch_stream(stream, progress, sink)
-        tensors = self._complete(sink.tensors, metadata, target, place)
+        if isinstance(stream, _CachedBody):  # memory-mapped: no copy of the whole body
+            received, metadata = stream.load(place, progress)
+        else:
+            sink = DictSink(place)
+            metadata = self._fetch_stream(stream, progress, sink)
+            received = sink.tensors
+        tensors = self._complete(received, metadata, target, place)
         _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
         return tensors
 
@@ -852,11 +863,20 @@ class Client:
         return _download(stream, Path(path), progress, verify_digest=target is None)
 
     def _open_body(
-        self, key: str, kind: str, ref: str, method: str, path: str, body: dict[str, Any] | None
+        self,
+        key: str,
+        kind: str,
+        ref: str,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        plan_first: Callable[[], str] | None = None,
     ) -> _Body:
         """The body of a fetch or pull, opened: from the cache when the server says the
         cached one is current (``304``) or when offline, else from the server, kept in the
-        cache as it arrives."""
+        cache as it arrives. ``plan_first`` (the path to fetch once planned) runs before a
+        body is received; a 304 needs no plan, as no weight moves."""
         cached = self.cache.lookup(key) if self.cache is not None else None
         if self.offline:
             if cached is None:
@@ -865,19 +885,26 @@ class Client:
                     "and STATEHUB_OFFLINE is set: fetch it once online"
                 )
             return _CachedBody(cached)
-        stream = _ResumableBody(
-            self, method, path, body, if_none_match=cached.etag if cached else None
-        )
-        try:
-            stream.open()
-        except BaseException:
-            if cached is not None:
-                cached.close()
-            raise
-        if stream.not_modified and cached is not None:
-            return _CachedBody(cached)
         if cached is not None:
+            with contextlib.ExitStack() as on_error:
+                on_error.callback(cached.close)
+                stream = _ResumableBody(self, method, path, body, if_none_match=cached.etag)
+                stream.open()
+                on_error.pop_all()
+            if stream.not_modified:
+                return _CachedBody(cached)
             cached.close()
+            if plan_first is None:
+                return self._receiving(stream, key, kind, ref)
+            stream.close()  # the body changed: plan it before a weight moves
+        if plan_first is not None:
+            path = plan_first()
+        stream = _ResumableBody(self, method, path, body)
+        stream.open()
+        return self._receiving(stream, key, kind, ref)
+
+    def _receiving(self, stream: _ResumableBody, key: str, kind: str, ref: str) -> _Body:
+        """``stream``, kept in the cache as it arrives where the cache can hold it."""
         if self.cache is not None and self.cache.can_hold(stream.total):
             stream.receiver = self.cache.receive(key, kind=kind, ref=ref)
         return stream
@@ -1329,6 +1356,28 @@ class _CachedBody:
             yield view[start : start + self.CHUNK]
         if progress is not None:
             progress(self.total, self.total)
+
+    def load(
+        self, device: torch.device | None, progress: Progress | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and ``__metadata__``, as safetensors loads a file: on the CPU the
+        tensors map the cached file (its pages are read as they are used; an eviction
+        meanwhile unlinks the file, the mapping stays), elsewhere copied to ``device``."""
+        try:
+            with safe_open(
+                self._cached.handle.name, framework="pt", device=str(device or "cpu")
+            ) as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except FileNotFoundError:  # evicted between lookup and load: read the open handle
+            sink = DictSink(device)
+            metadata = read_into(StreamReader(self.chunks()), sink)
+            tensors = sink.tensors
+        finally:
+            self.close()
+        if progress is not None:
+            progress(self.total, self.total)
+        return tensors, metadata
 
     def close(self) -> None:
         self._cached.close()

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -91,6 +92,10 @@ def test_a_repeated_fetch_is_a_304_loaded_from_the_cache(
     assert (entry.kind, entry.ref) == ("fetch", f"{ns}/m")
     [blob] = blob_files(client_cache)
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == entry.digest == blob.name
+    for tensor in second.values():  # the cached tensors map the file: writes stay private
+        tensor.add_(1)
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == entry.digest
+    assert_same(hub.fetch(f"{ns}/m", target=target), expected)
 
 
 def test_a_cached_fetch_loads_into_a_module_in_place(
@@ -120,35 +125,27 @@ def test_a_moved_alias_is_fetched_afresh_not_served_stale(
     assert served(before, fetch_modes(server)) == (1, 0)
 
 
+def flip_a_byte(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[-5] ^= 0xFF  # in the last tensor: still a file that parses
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, lambda data: data[:100]], ids=["flip", "cut"])
 def test_a_corrupted_cache_entry_is_detected_and_fetched_again(
-    hub: Client, server: ServerProcess, ns: str, client_cache: Path
+    hub: Client, server: ServerProcess, ns: str, client_cache: Path, damage: Any
 ) -> None:
     source = weights(4)
     hub.push(f"{ns}/m", source)
     hub.fetch(f"{ns}/m", target=source)
     [blob] = blob_files(client_cache)
-    data = bytearray(blob.read_bytes())
-    data[-5] ^= 0xFF  # one flipped byte in the last tensor: still a parseable file
-    blob.write_bytes(bytes(data))
+    blob.write_bytes(damage(blob.read_bytes()))
 
     before = fetch_modes(server)
     assert_same(hub.fetch(f"{ns}/m", target=source), source)
     assert served(before, fetch_modes(server)) == (1, 0)  # the bad entry was not revalidated
     [blob] = blob_files(client_cache)
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
-
-
-def test_a_truncated_cache_entry_is_fetched_again(
-    hub: Client, server: ServerProcess, ns: str, client_cache: Path
-) -> None:
-    source = weights(5)
-    hub.push(f"{ns}/m", source)
-    hub.fetch(f"{ns}/m", target=source)
-    [blob] = blob_files(client_cache)
-    blob.write_bytes(blob.read_bytes()[:100])
-    before = fetch_modes(server)
-    assert_same(hub.fetch(f"{ns}/m", target=source), source)
-    assert served(before, fetch_modes(server)) == (1, 0)
 
 
 def test_offline_serves_the_cache_without_a_request_or_fails_clearly(
@@ -341,3 +338,29 @@ def test_the_server_answers_a_named_etag_with_304_and_no_body(
     assert other.status_code == 200 and other.content == first.content
     assert (blob_again.status_code, blob_again.content) == (304, b"")
     assert blob_again.headers["x-statehub-body-digest"] == blob.headers["x-statehub-body-digest"]
+
+
+def test_a_cached_fetch_into_a_meta_model_is_one_request_and_a_changed_one_is_planned(
+    hub: Client, server: ServerProcess, ns: str
+) -> None:
+    old, new = weights(11), weights(12)
+    hub.push(f"{ns}/m", old, alias="prod")
+    on_meta = {k: v.to("meta") for k, v in old.items()}
+    plan_route = "/v1/models/{namespace}/{name}/versions/{ref}/plan"
+    labels = {"method": "POST", "route": plan_route, "status": "200"}
+
+    def plans() -> float:
+        return value(scrape(server.url), "statehub_http_requests_total", **labels)
+
+    start = plans()
+    assert_same(hub.fetch(f"{ns}/m@prod", target=on_meta), old)  # planned: meta has no values
+    first = plans()
+    before = fetch_modes(server)
+    assert_same(hub.fetch(f"{ns}/m@prod", target=on_meta), old)
+    assert (plans() - first, served(before, fetch_modes(server))) == (0, (0, 1))
+    assert first - start == 1
+
+    hub.set_alias(f"{ns}/m", "prod", hub.push(f"{ns}/m", new).version)
+    changed = plans()
+    assert_same(hub.fetch(f"{ns}/m@prod", target=on_meta), new)
+    assert plans() - changed == 1  # the 304 did not come: planned before the body
