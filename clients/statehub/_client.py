@@ -176,7 +176,13 @@ class Client:
     # -- transport ------------------------------------------------------------------------
 
     def _send(self, make: Callable[[], httpx.Request], *, retry: bool) -> httpx.Response:
-        """Send with backoff on connection errors and retryable statuses (if ``retry``)."""
+        """Send with backoff on connection errors and retryable statuses (if ``retry``);
+        offline, nothing is sent."""
+        if self.offline:
+            request = make()
+            raise NotCached(
+                f"STATEHUB_OFFLINE is set: {request.method} {request.url.path} needs the server"
+            )
         attempts = self.retries if retry else 1
         for attempt in range(attempts):
             try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from statehub._cache import Cache
 from statehub._errors import FilesMissing, IntegrityError
 from statehub._models import Version
 
@@ -127,10 +128,13 @@ def download(
     progress: Progress | None = None,
 ) -> Path:
     """One file of a version to ``dest``: resumable, written atomically, checked against
-    the sha256 the server announces (and ``sha256`` when the caller knows it)."""
-    from statehub._client import _download, _ResumableBody
+    the sha256 the server announces (and ``sha256`` when the caller knows it); kept in the
+    client cache, so the same file again is a ``304`` copied from there."""
+    from statehub._client import _download
 
-    stream = _ResumableBody(client, "GET", f"/v1/models/{model}/versions/{ref}/files/{path}", None)
+    key = Cache.key("file", client.url, model, ref, path)
+    url = f"/v1/models/{model}/versions/{ref}/files/{path}"
+    stream = client._open_body(key, "file", f"{model}:{ref} {path}", "GET", url, None)
     _download(stream, dest, progress, verify_digest=True)
     if sha256 is not None and stream.digest != sha256:
         dest.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from statehub import Client, NotCached, spec_of
 from statehub._cache import Cache
@@ -364,3 +365,39 @@ def test_a_cached_fetch_into_a_meta_model_is_one_request_and_a_changed_one_is_pl
     changed = plans()
     assert_same(hub.fetch(f"{ns}/m@prod", target=on_meta), new)
     assert plans() - changed == 1  # the 304 did not come: planned before the body
+
+
+def test_a_folder_snapshot_again_is_304s_and_offline_downloads_come_from_the_cache(
+    hub: Client, server: ServerProcess, ns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden": 8}')
+    (folder / "model.safetensors").write_bytes(st_save(weights(13)))
+    hub.push(f"{ns}/repo", folder)
+
+    def not_modified() -> float:
+        samples = scrape(server.url)
+        return sum(
+            v for (n, labels), v in samples.items()
+            if n == "statehub_http_requests_total" and ("status", "304") in labels
+        )  # fmt: skip
+
+    hub.snapshot(f"{ns}/repo", tmp_path / "one")
+    before = not_modified()
+    hub.snapshot(f"{ns}/repo", tmp_path / "two")
+    assert not_modified() - before == 2  # both files revalidated, neither sent
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "two" / name).read_bytes() == (folder / name).read_bytes()
+
+    monkeypatch.setenv("STATEHUB_OFFLINE", "1")
+    with Client(server.url) as offline:
+        # snapshot pins the version it read: its files are cached under that version
+        path = offline.download(f"{ns}/repo:1", "config.json", tmp_path / "offline.json")
+        assert path.read_bytes() == (folder / "config.json").read_bytes()
+        with pytest.raises(NotCached):
+            offline.download(f"{ns}/repo:1", "README.md", tmp_path / "readme.md")
+        with pytest.raises(NotCached, match="needs the server"):
+            offline.snapshot(f"{ns}/repo", tmp_path / "three")  # its listing is not cached
+        with pytest.raises(NotCached, match="needs the server"):
+            offline.push(f"{ns}/other", weights(14))
