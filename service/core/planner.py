@@ -883,7 +883,7 @@ class _Planner:
             dropped=list(self.dropped),
             keys=keys,
             params=params,
-            warnings=list(self.warnings),
+            warnings=[*self.warnings, *_rename_hints(entries, unused, self.source, self.target)],
             reasons=reasons,
             adapters=[
                 dict(meta) for i, (meta, _) in enumerate(self.adapters) if i in self.used_adapters
@@ -923,6 +923,51 @@ class _Planner:
 
 
 # ------------------------------------------------------------------------------ pure helpers
+
+
+def _neighbourhood(key: str, shape: Sequence[int]) -> tuple[str, str, tuple[int, ...]]:
+    """Where a tensor sits, for guessing renames: its module's parent (wrappers stripped),
+    its own name (``weight``) and its shape. ``attn.q_proj.weight`` and
+    ``attn.query.weight`` of one shape share one."""
+    parts = key.split(".")
+    while len(parts) > 2 and parts[0] in WRAPPERS:
+        parts = parts[1:]
+    return ".".join(parts[:-2]), parts[-1], tuple(shape)  # "" for a top-level module
+
+
+def _beside(neighbourhood: tuple[str, str, tuple[int, ...]]) -> bool:
+    """Only tensors inside a named module are guessed at: top-level ones (``0.weight``,
+    ``bn.bias``) share no parent, so a shape match between them says nothing."""
+    return bool(neighbourhood[0])
+
+
+def _rename_hints(
+    entries: Sequence[Entry], unused: Sequence[str], source: ArchSpec, target: ArchSpec
+) -> list[str]:
+    """A warning pairing target keys kept because the checkpoint lacks them with unused
+    checkpoint tensors of the same shape beside them: a strict load of such a plan keeps the
+    model's values where the checkpoint most likely has the weights under another name."""
+    source_shapes = {t.key: t.shape for t in source.tensors}
+    beside: dict[tuple[str, str, tuple[int, ...]], list[str]] = defaultdict(list)
+    for key in unused:
+        if _beside(place := _neighbourhood(key, source_shapes[key])):
+            beside[place].append(key)
+    target_shapes = {t.key: t.shape for t in target.tensors}
+    pairs = []
+    for entry in entries:
+        if entry.action == "keep_target" and entry.stage == "missing":
+            candidates = beside.get(_neighbourhood(entry.target, target_shapes[entry.target]))
+            if candidates:  # each unused tensor named once, in checkpoint order
+                pairs.append(f"'{entry.target}' <- '{candidates.pop(0)}'")
+    if not pairs:
+        return []
+    shown = ", ".join(pairs[:MAX_NAMES_IN_MESSAGE])
+    more = len(pairs) - MAX_NAMES_IN_MESSAGE
+    return [
+        f"{len(pairs)} kept key(s) have an unused checkpoint tensor of their shape beside them, "
+        f"probably a rename no stage knows (register an adapter that renames it): {shown}"
+        + (f" (+{more} more)" if more > 0 else "")
+    ]
 
 
 def _wrapper_chain(keys: Iterable[str]) -> list[str]:

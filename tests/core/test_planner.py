@@ -914,3 +914,43 @@ def test_weight_norm_forms_are_one_normalised_name_and_nothing_else_is() -> None
     # A parametrization with one ``original`` (orthogonal, spectral norm) is not weight norm.
     other = ArchSpec.of([("dec.proj.parametrizations.weight.original", [8, 4, 3], "F32")])
     assert [e.stage for e in plan(legacy, other).entries] != ["normalized"]
+
+
+# ------------------------------------------------------------------------- rename hints
+
+
+def attention(prefix: str, names: Sequence[str], dim: int = 16) -> list[Tensor]:
+    return [(f"{prefix}.{n}.{leaf}", [dim, dim] if leaf == "weight" else [dim], "F32")
+            for n in names for leaf in ("weight", "bias")]  # fmt: skip
+
+
+def test_kept_keys_beside_unused_tensors_of_their_shape_are_named_as_likely_renames() -> None:
+    source = ArchSpec.of(attention("module.blocks.0.attn", ["q_proj", "k_proj", "out"]))
+    target = ArchSpec.of(attention("blocks.0.attn", ["query", "key", "out"]))
+    assert checked(source, target).verdict == "adapted"  # paired by order and shape...
+    p = checked(source, target, policy=Policy(allow_structural=False))  # ...unless refused
+    assert p.verdict == "partial" and p.keep_target == [
+        "blocks.0.attn.query.weight", "blocks.0.attn.query.bias",
+        "blocks.0.attn.key.weight", "blocks.0.attn.key.bias",
+    ]  # fmt: skip
+    [hint] = [w for w in p.warnings if "probably a rename" in w]
+    assert hint.startswith("4 kept key(s)")
+    # Paired by module, name and shape, each unused tensor once, in order (wrapper stripped).
+    assert hint.endswith(
+        "'blocks.0.attn.query.weight' <- 'module.blocks.0.attn.q_proj.weight', "
+        "'blocks.0.attn.query.bias' <- 'module.blocks.0.attn.q_proj.bias', "
+        "'blocks.0.attn.key.weight' <- 'module.blocks.0.attn.k_proj.weight', "
+        "'blocks.0.attn.key.bias' <- 'module.blocks.0.attn.k_proj.bias'"
+    )
+
+
+def test_no_rename_hint_across_modules_shapes_or_for_a_reset_head() -> None:
+    elsewhere = ArchSpec.of(attention("decoder.attn", ["q_proj"]))
+    other_shape = ArchSpec.of(attention("blocks.0.attn", ["q_proj"], dim=8))
+    target = ArchSpec.of(attention("blocks.0.attn", ["query"]))
+    for source in (elsewhere, other_shape):
+        p = checked(source, target, policy=Policy(allow_structural=False))
+        assert p.keep_target and not [w for w in p.warnings if "probably a rename" in w]
+    # A head kept for its class count is the policy's doing, not a missing key.
+    p = checked(resnet(classes=1000), resnet(classes=30))
+    assert not [w for w in p.warnings if "probably a rename" in w]
