@@ -192,6 +192,21 @@ class Cache:
         with self._locked():
             return self._evict(self.max_bytes if max_bytes is None else max_bytes)
 
+    def verify(self) -> list[str]:
+        """Hash every body again (a change on disk that kept its size and mtime escapes the
+        check on lookup); drop the ones that no longer match. Returns their digests."""
+        bad = []
+        for digest, _, _ in self._bodies():
+            try:
+                with open(self._blobs / digest, "rb") as handle:
+                    matches = _sha256_of(handle) == digest
+            except FileNotFoundError:
+                continue
+            if not matches:
+                self.drop(digest)
+                bad.append(digest)
+        return bad
+
     def clear(self) -> int:
         """Remove everything; returns the bytes freed."""
         return self.prune(0)

@@ -1201,6 +1201,17 @@ def cache_prune(max_bytes: int | None) -> None:
     click.echo(f"freed {_human_bytes(freed)}")
 
 
+@cache.command(name="verify")
+def cache_verify() -> None:
+    """Hash every cached body again; drop (and name) the ones that no longer match."""
+    bad = _local_cache().verify()
+    for digest in bad:
+        click.echo(f"dropped {digest}: its bytes no longer hash to it", err=True)
+    click.echo(f"{len(bad)} corrupted bod{'y' if len(bad) == 1 else 'ies'} dropped")
+    if bad:
+        raise click.exceptions.Exit(1)
+
+
 @cache.command(name="clear")
 def cache_clear() -> None:
     """Remove every cached body."""

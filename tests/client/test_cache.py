@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,24 @@ def test_a_folder_snapshot_again_is_304s_and_offline_downloads_come_from_the_cac
             offline.snapshot(f"{ns}/repo", tmp_path / "three")  # its listing is not cached
         with pytest.raises(NotCached, match="needs the server"):
             offline.push(f"{ns}/other", weights(14))
+
+
+def test_statehub_cache_verify_finds_a_change_that_kept_size_and_mtime(
+    hub: Client, server: ServerProcess, ns: str, client_cache: Path
+) -> None:
+    source = weights(15)
+    hub.push(f"{ns}/m", source)
+    hub.fetch(f"{ns}/m", target=source)
+    [blob] = blob_files(client_cache)
+    stat = blob.stat()
+    blob.write_bytes(flip_a_byte(blob.read_bytes()))
+    os.utime(blob, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: nothing else changed
+
+    runner = CliRunner()
+    clean = runner.invoke(main, ["cache", "verify"])
+    assert clean.exit_code == 1 and blob.name in clean.output
+    assert blob_files(client_cache) == []
+    assert runner.invoke(main, ["cache", "verify"]).exit_code == 0
+    before = fetch_modes(server)
+    assert_same(hub.fetch(f"{ns}/m", target=source), source)
+    assert served(before, fetch_modes(server)) == (1, 0)
