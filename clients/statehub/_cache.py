@@ -10,6 +10,7 @@ path, target and policy) which ETag and body it got. Under ``STATEHUB_CACHE`` (d
     blobs/<sha256>.checked  "<size> <mtime_ns>" of the body when it was checked; its own
                             mtime is the body's last use (the LRU order)
     requests/<key>.json     {"etag", "digest", "size", "ref", "kind"} of one request
+    answers/<key>.json      a small JSON answer kept for offline use (a snapshot's listing)
     tmp/                    bodies being received (``.incomplete``)
     lock                    held (flock) while bodies land or are evicted
 
@@ -92,6 +93,7 @@ class Cache:
         self._blobs = self.root / "blobs"
         self._requests = self.root / "requests"
         self._tmp = self.root / "tmp"
+        self._answers = self.root / "answers"
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -162,6 +164,17 @@ class Cache:
             record = {"etag": etag, "digest": digest, "size": size, "kind": kind, "ref": ref}
             _write_atomic(self._requests / f"{key}.json", json.dumps(record).encode(), self._tmp)
             self._evict(self.max_bytes, keep=digest)
+
+    def remember(self, key: str, answer: Any) -> None:
+        """Keep a small JSON answer (a version's file listing) for offline use."""
+        self._answers.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self._answers / f"{key}.json", json.dumps(answer).encode(), self._tmp)
+
+    def recall(self, key: str) -> Any | None:
+        try:
+            return json.loads((self._answers / f"{key}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from statehub._cache import Cache
-from statehub._errors import FilesMissing, IntegrityError
+from statehub._errors import FilesMissing, IntegrityError, NotCached
 from statehub._models import Version
 
 if TYPE_CHECKING:
@@ -143,10 +143,23 @@ def download(
 
 
 def snapshot(client: Client, model: str, ref: str, folder: Path) -> Path:
-    """Every file of the version into ``folder``, byte for byte as pushed."""
-    version = client._json("GET", f"/v1/models/{model}/versions/{ref}")
-    pinned = str(version["version"])  # every file from the same version, even if ref moves
-    files = files_of(client, model, pinned)
+    """Every file of the version into ``folder``, byte for byte as pushed. The version it
+    resolved and its listing are remembered, so offline the same snapshot comes from the
+    cache."""
+    key = Cache.key("snapshot", client.url, model, ref)
+    if client.offline:
+        listing = client.cache.recall(key) if client.cache is not None else None
+        if listing is None:
+            raise NotCached(
+                f"{model}:{ref} was never snapshotted here, and STATEHUB_OFFLINE is set"
+            )
+        pinned, files = listing["version"], listing["files"]
+    else:
+        version = client._json("GET", f"/v1/models/{model}/versions/{ref}")
+        pinned = str(version["version"])  # every file from one version, even if ref moves
+        files = files_of(client, model, pinned)
+        if client.cache is not None and files:
+            client.cache.remember(key, {"version": pinned, "files": files})
     if not files:
         raise ValueError(
             f"{model}:{pinned} was not pushed as a folder; pull it with hub.pull(ref, path)"

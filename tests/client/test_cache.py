@@ -398,8 +398,11 @@ def test_a_folder_snapshot_again_is_304s_and_offline_downloads_come_from_the_cac
         assert path.read_bytes() == (folder / "config.json").read_bytes()
         with pytest.raises(NotCached):
             offline.download(f"{ns}/repo:1", "README.md", tmp_path / "readme.md")
-        with pytest.raises(NotCached, match="needs the server"):
-            offline.snapshot(f"{ns}/repo", tmp_path / "three")  # its listing is not cached
+        offline.snapshot(f"{ns}/repo", tmp_path / "three")  # its listing was remembered
+        for name in ("config.json", "model.safetensors"):
+            assert (tmp_path / "three" / name).read_bytes() == (folder / name).read_bytes()
+        with pytest.raises(NotCached, match="never snapshotted"):
+            offline.snapshot(f"{ns}/other", tmp_path / "four")
         with pytest.raises(NotCached, match="needs the server"):
             offline.push(f"{ns}/other", weights(14))
 
