@@ -222,7 +222,10 @@ class Cache:
 
     def clear(self) -> int:
         """Remove everything; returns the bytes freed."""
-        return self.prune(0)
+        freed = self.prune(0)
+        for path in self._answers.glob("*.json") if self._answers.exists() else []:
+            path.unlink(missing_ok=True)
+        return freed
 
     def _evict(self, max_bytes: int, *, keep: str = "") -> int:
         """Under the lock: the oldest bodies go until the rest fit in ``max_bytes``."""

@@ -290,9 +290,11 @@ def test_statehub_cache_ls_prune_and_clear(hub: Client, ns: str, client_cache: P
     assert pruned.exit_code == 0, pruned.output
     assert [e.ref for e in Cache(client_cache).entries()] == [f"{ns}/b"]
 
+    Cache(client_cache).remember("listing", {"files": []})
     cleared = runner.invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0, cleared.output
     assert Cache(client_cache).entries() == [] and blob_files(client_cache) == []
+    assert Cache(client_cache).recall("listing") is None
 
 
 def test_a_receiver_that_is_not_committed_leaves_nothing(client_cache: Path) -> None:
