@@ -306,10 +306,18 @@ class Receiver:
         self._ref = ref
         self._path = cache._tmp / f"{uuid.uuid4().hex}.incomplete"
         self._handle = open(self._path, "wb")  # noqa: SIM115 - closed by close()
+        self._failed = False
 
     def wrap(self, chunks: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        """``chunks`` as they are, written to the cache on the way; a write that fails (the
+        disk filled meanwhile) ends the writing, never the caller's transfer."""
         for chunk in chunks:
-            self._handle.write(chunk)
+            if not self._failed:
+                try:
+                    self._handle.write(chunk)
+                except OSError as exc:
+                    self._failed = True
+                    warnings.warn(f"statehub cache: cannot keep {self._ref}: {exc}", stacklevel=2)
             yield chunk
 
     def commit(self, *, digest: str, etag: str, size: int) -> None:
@@ -317,7 +325,7 @@ class Receiver:
         A cache that cannot take it (a full disk, a clear meanwhile) costs nothing but the
         next fetch's bytes."""
         try:
-            if self._handle.tell() == size:
+            if not self._failed and self._handle.tell() == size:
                 self._cache.store(
                     self._handle,
                     self._key,

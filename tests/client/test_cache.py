@@ -428,3 +428,17 @@ def test_statehub_cache_verify_finds_a_change_that_kept_size_and_mtime(
     before = fetch_modes(server)
     assert_same(hub.fetch(f"{ns}/m", target=source), source)
     assert served(before, fetch_modes(server)) == (1, 0)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (ENOSPC on write)")
+def test_a_cache_disk_that_fills_mid_body_never_fails_the_transfer(client_cache: Path) -> None:
+    cache = Cache(client_cache)
+    receiver = cache.receive("k", kind="fetch", ref="ns/m")
+    receiver._handle.close()
+    receiver._handle = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - a full disk
+    data = [b"abc", b"def"]
+    with pytest.warns(UserWarning, match="cannot keep ns/m"):
+        assert list(receiver.wrap(iter(data))) == data  # every chunk still reaches the caller
+    receiver.commit(digest=hashlib.sha256(b"abcdef").hexdigest(), etag='"e"', size=6)
+    assert cache.lookup("k") is None and cache.entries() == []
+    assert not list((client_cache / "tmp").iterdir())
