@@ -94,7 +94,7 @@ def _headers(result: fitting.FetchResult) -> dict[str, str]:
         "Content-Length": str(result.end - result.start),
         "X-Statehub-Verdict": layout.plan.verdict,
         "X-Statehub-Fetch-Mode": layout.mode,
-        "X-Statehub-Plan-Id": layout.plan.plan_id,
+        "X-Statehub-Plan-Id": layout.plan_id,
         "X-Statehub-Digest": result.version.digest,
     }
     if result.partial:

@@ -144,6 +144,7 @@ class FetchLayout:
     mode: str  # passthrough | rewrite | transform
     etag: str
     plan: Plan
+    plan_id: str  # sha256 of the plan's canonical JSON, serialized once per request
     # Bytes of the body made from nothing: fills, and the rows a pad adds.
     synthesized: int = 0
 
@@ -155,12 +156,16 @@ class FetchLayout:
 def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Settings) -> FetchLayout:
     # The body names its source version (``statehub.source``): two versions with the same
     # bytes make different bodies, so the version is part of the ETag.
-    source_ref = _fetch_metadata(version, plan)["statehub.source"]
+    # A plan of 10,000 entries is megabytes of JSON: serialized once, for the ETag, the
+    # plan id and the header's metadata.
+    plan_json = plan.canonical_json()
+    plan_id = hashlib.sha256(plan_json.encode()).hexdigest()
+    metadata = _fetch_metadata(version, plan, plan_json)
     etag = hashlib.sha256(
-        f"{version.digest}{plan.canonical_json()}{source_ref}{BODY_LAYOUT}".encode()
+        f"{version.digest}{plan_json}{metadata['statehub.source']}{BODY_LAYOUT}".encode()
     ).hexdigest()
     if plan.verdict == "exact":
-        return FetchLayout((StoredRange(0, version.size),), "passthrough", etag, plan)
+        return FetchLayout((StoredRange(0, version.size),), "passthrough", etag, plan, plan_id)
     offsets = {t["key"]: t["offsets"] for t in version.spec["tensors"]}
     source = source_spec(version)
     # Tensors go in the order they are stored (fills last), whatever the target's order:
@@ -171,7 +176,7 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
     )
     _check_expansion(version, [target[e.target] for e in loaded], settings)
     synthesized = 0
-    header = build_header([target[e.target] for e in loaded], _fetch_metadata(version, plan))
+    header = build_header([target[e.target] for e in loaded], metadata)
     segments: list[Segment] = [HeaderBytes(header)]
     for entry in loaded:
         target_tensor = target[entry.target]
@@ -190,7 +195,7 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
         segments.append(Transformed(entry, spec, start, target_tensor))
         synthesized += _synthesized_bytes(entry.ops, spec, target_tensor)
     mode = "transform" if any(isinstance(s, Transformed) for s in segments) else "rewrite"
-    return FetchLayout(tuple(segments), mode, etag, plan, synthesized)
+    return FetchLayout(tuple(segments), mode, etag, plan, plan_id, synthesized)
 
 
 def _check_expansion(version: Version, tensors: Sequence[TensorSpec], settings: Settings) -> None:
@@ -253,13 +258,13 @@ def _repeat(element: bytes, lo: int, hi: int, chunk: int) -> Iterator[memoryview
         yield piece
 
 
-def _fetch_metadata(version: Version, plan: Plan) -> dict[str, str]:
+def _fetch_metadata(version: Version, plan: Plan, plan_json: str) -> dict[str, str]:
     model = version.model
     return {
         "format": "pt",
         "statehub.source": f"{model.namespace}/{model.name}:{version.number}",
         "statehub.digest": version.digest,
-        "statehub.plan": plan.canonical_json(),
+        "statehub.plan": plan_json,
         "statehub.keep_target": json.dumps(plan.keep_target),
         "statehub.tied": json.dumps(plan.tied, sort_keys=True),
     }
