@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import psutil
 import torch
 
 from service.storage.blobs import S3BlobStore
+from tests._proxy import TcpProxy
 from tests._server import ServerProcess, start_server
 from tests._services import S3_TEST_KEYS, MotoServer, s3_settings, start_moto_server
 
@@ -176,12 +179,72 @@ class PeakGrowth:
 # -- services ---------------------------------------------------------------------------
 
 
+class ShapedProxy(TcpProxy):
+    """moto behind a link shaped like a real S3 endpoint's, for both roads alike: each
+    request waits ``first_byte_s`` before it is forwarded (the time to first byte), and
+    each connection's answers flow at most ``rate`` bytes/s (one stream's bandwidth), so
+    requests in flight at once add up where one stream cannot. ``shaping`` off forwards
+    as is (the pushes that fill the registry)."""
+
+    def __init__(self, target: tuple[str, int], *, first_byte_s: float, rate: float) -> None:
+        self.first_byte_s = first_byte_s
+        self.rate = rate
+        self.shaping = True
+        super().__init__(target)
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._connections.update((client, upstream))
+        answered = threading.Event()  # set: the client's next bytes start a request
+        answered.set()
+        pipes = (
+            (client, upstream, lambda data: self._first_byte(answered)),
+            (upstream, client, lambda data: self._throttle(len(data), answered)),
+        )
+        for source, sink, before in pipes:
+            threading.Thread(target=self._forward, args=(source, sink, before), daemon=True).start()
+
+    def _first_byte(self, answered: threading.Event) -> None:
+        if self.shaping and answered.is_set():
+            answered.clear()
+            time.sleep(self.first_byte_s)
+
+    def _throttle(self, size: int, answered: threading.Event) -> None:
+        answered.set()
+        if self.shaping:
+            time.sleep(size / self.rate)
+
+    def _forward(
+        self, source: socket.socket, sink: socket.socket, before: Callable[[bytes], None]
+    ) -> None:
+        try:
+            while data := source.recv(65536):
+                before(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with self._lock:
+                    self._connections.discard(sock)
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
 class Stack:
     """One S3 bucket on the shared moto server and one data dir: servers started on it
-    one after another (with different settings) see the same registry."""
+    one after another (with different settings) see the same registry. Through a
+    ``ShapedProxy``, both statehub and the do-it-yourself road reach the bucket by it."""
 
-    def __init__(self, moto: MotoServer, data_dir: Path) -> None:
-        self.endpoint = moto.endpoint
+    def __init__(self, moto: MotoServer, data_dir: Path, proxy: ShapedProxy | None = None) -> None:
+        self.proxy = proxy
+        self.endpoint = f"http://{proxy.address}" if proxy else moto.endpoint
         self.moto_pid = moto.process.pid
         self.busy_pids: tuple[int, ...] = (self.moto_pid,)  # and the server, once started
         self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
@@ -213,6 +276,18 @@ class Stack:
         finally:
             process.stop()
 
+    @contextmanager
+    def unshaped(self) -> Iterator[None]:
+        """The link at loopback speed for a while (filling the registry is not measured)."""
+        if self.proxy is None:
+            yield
+            return
+        self.proxy.shaping = False
+        try:
+            yield
+        finally:
+            self.proxy.shaping = True
+
     def stored_bytes(self, prefix: str = "") -> int:
         """Sum of the sizes of the bucket's objects: what the registry actually stores."""
         total = 0
@@ -237,8 +312,15 @@ class Services:
     def __exit__(self, *exc: object) -> None:
         self._exit.close()
 
-    def stack(self) -> Stack:
-        return Stack(self.moto, Path(tempfile.mkdtemp(dir=self.scratch)))
+    def stack(self, shaped: dict[str, float] | None = None) -> Stack:
+        """A bucket of its own; ``shaped`` (``first_byte_s``, ``rate``) puts a
+        ``ShapedProxy`` between it and everything that reads it."""
+        proxy = None
+        if shaped is not None:
+            host, port = self.moto.endpoint.removeprefix("http://").split(":")
+            proxy = ShapedProxy((host, int(port)), **shaped)
+            self._exit.callback(proxy.close)
+        return Stack(self.moto, Path(tempfile.mkdtemp(dir=self.scratch)), proxy)
 
 
 # -- reports ----------------------------------------------------------------------------

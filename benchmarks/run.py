@@ -27,7 +27,10 @@ from benchmarks.harness import Report, Services, machine
 from benchmarks.plan_latency import PlanRow
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("plan", "fetch", "scaling", "memory", "dedup", "scale")
+SECTIONS = ("plan", "fetch", "shaped", "scaling", "memory", "dedup", "scale")
+# The link the shaped section models (issue 14): real S3's time to first byte and a single
+# stream's bandwidth, applied to statehub and to the do-it-yourself road alike.
+SHAPED_LINK = {"first_byte_s": 0.02, "rate": 80e6}
 PLOT = "scaling.png"
 
 
@@ -116,6 +119,14 @@ class Run:
             f for size in self.opts.sizes for f in self._measure(size, "abc", self.opts.repeats)
         ]
         return fetch_vs_diy.report(self.fetches, self.pushes, self.opts.repeats, failures)
+
+    def shaped(self) -> Report:
+        """The fetch table again, at the smallest --sizes, through a ShapedProxy."""
+        stack = self.services.stack(shaped=SHAPED_LINK)
+        result = fetch_vs_diy.measure_size(stack, min(self.opts.sizes), self.opts.repeats)
+        return fetch_vs_diy.report(
+            result.rows, [result.push], self.opts.repeats, result.failures, link=SHAPED_LINK
+        )
 
     def scaling(self) -> Report:
         measured = {s.size_mib for s, _ in scaling.pairs(self.fetches)}

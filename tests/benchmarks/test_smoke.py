@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TABLES = {
     "Plan latency": ["tensors"],
     "Fetch and push: statehub against do-it-yourself": ["case", "checkpoint MiB"],
+    "Fetch against do-it-yourself through a link shaped like S3": ["case"],
     "Scaling: fetch time by size, plan time by tensor count": ["checkpoint MiB", "tensors"],
     "Memory: server and client peak RSS": ["operation", "fetch"],
     "Storage saved by tensor-level dedup": ["pushes"],
@@ -54,6 +55,7 @@ def test_smoke_run_prints_every_table_with_numbers(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.glob("*.md")} == {
         "plan_latency.md",
         "fetch_vs_diy.md",
+        "fetch_vs_diy_shaped.md",
         "scaling.md",
         "memory.md",
         "dedup.md",
