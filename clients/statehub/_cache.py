@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -44,7 +45,8 @@ except ImportError:  # Windows: atomic renames still keep entries whole; the bou
 
 GiB = 1024**3
 DEFAULT_MAX_BYTES = 50 * GiB
-STALE_INCOMPLETE_S = 24 * 3600  # a body still arriving after a day was abandoned
+STALE_INCOMPLETE_S = 24 * 3600
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # a body still arriving after a day was abandoned
 
 
 def default_root() -> Path:
@@ -271,8 +273,14 @@ class Cache:
             record = json.loads((self._requests / f"{key}.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if not isinstance(record, dict) or not {"etag", "digest", "size"} <= set(record):
+        # A record names a file to open and, if it fails its check, to delete: only a
+        # sha256 may name one (never a path), and the rest must be what store() writes.
+        if not isinstance(record, dict) or not _SHA256.fullmatch(str(record.get("digest"))):
             return None
+        if not isinstance(record.get("size"), int) or not isinstance(record.get("etag"), str):
+            return None
+        record.setdefault("kind", "fetch")
+        record.setdefault("ref", "?")
         return record
 
     def _checked(self, digest: str) -> tuple[int, int] | None:

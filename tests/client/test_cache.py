@@ -442,3 +442,17 @@ def test_a_cache_disk_that_fills_mid_body_never_fails_the_transfer(client_cache:
     receiver.commit(digest=hashlib.sha256(b"abcdef").hexdigest(), etag='"e"', size=6)
     assert cache.lookup("k") is None and cache.entries() == []
     assert not list((client_cache / "tmp").iterdir())
+
+
+def test_a_record_that_names_anything_but_a_sha256_is_ignored(client_cache: Path) -> None:
+    victim = client_cache / "victim.txt"
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    victim.write_text("mine")
+    requests = client_cache / "requests"
+    requests.mkdir(parents=True, exist_ok=True)
+    bad = {"etag": '"e"', "digest": "../victim.txt", "size": 4, "kind": "fetch", "ref": "x"}
+    (requests / "k.json").write_text(json.dumps(bad))
+    cache = Cache(client_cache)
+    assert cache.lookup("k") is None and cache.entries() == []
+    cache.prune(0)
+    assert victim.read_text() == "mine"
