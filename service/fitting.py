@@ -292,15 +292,18 @@ def iter_layout(
     gap: int = 1024 * 1024,
     part: int = 8 * 1024 * 1024,
     in_flight: int = 4,
+    in_parts: bool = False,
 ) -> Iterator[bytes | memoryview]:
     """The bytes [start, end) of the fetch body, in body order.
 
     A passthrough body is one ``iter_range`` of the stored bytes (a ``VerifiedBlob`` then
-    hashes the whole blob while it streams). Any other body is served from
+    hashes the whole blob while it streams), unless ``in_parts`` (the client checks the
+    body's digest itself). Any other body, and a passthrough in parts, is served from
     ``layout.read_plan``: the stored bytes it needs are read as a few large ranges, up to
-    ``in_flight`` at once (``PartReader``), and each slice is cut from them.
+    ``in_flight`` at once (``PartReader``), and each slice is cut from them. On a store
+    where one stream is slow (S3: tens of MB/s per connection) parts in flight add up.
     """
-    if layout.mode == "passthrough":
+    if layout.mode == "passthrough" and not in_parts:
         stream = blobs.iter_range(digest, start, end, chunk)
         try:
             for data in stream:
@@ -437,7 +440,7 @@ class PartReader:
 
 
 def stream_fetch(
-    result: FetchResult, blobs: ByteSource, *, chunk: int
+    result: FetchResult, blobs: ByteSource, *, chunk: int, in_parts: bool = False
 ) -> Iterator[bytes | memoryview]:
     """The body of a fetch response, counted in flight while it streams.
 
@@ -456,6 +459,7 @@ def stream_fetch(
             gap=result.read_gap,
             part=result.read_part,
             in_flight=result.reads_in_flight,
+            in_parts=in_parts,
         )
     except StorageError as exc:
         metrics.STORAGE_ERRORS.inc(exc.code)

@@ -9,6 +9,7 @@ subclass of the real store.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 import time
@@ -124,6 +125,7 @@ def body(
     gap: int = 4 * KiB,
     in_flight: int = 4,
     chunk: int = 16 * KiB,
+    in_parts: bool = False,
 ) -> bytes:
     end = layout.length if end is None else end
     pieces = iter_layout(
@@ -136,6 +138,7 @@ def body(
         gap=gap,
         part=part,
         in_flight=in_flight,
+        in_parts=in_parts,
     )
     out = b"".join(bytes(p) for p in pieces)
     assert len(out) == end - start
@@ -337,6 +340,23 @@ def test_a_passthrough_is_one_stream_of_the_range(store: CountingStore, tmp_path
     raw = body(layout, store, version.digest, 10, version.size, part=1000)
     assert store.streams == [(10, version.size)] and store.reads == []
     assert raw == store.read_range(version.digest, 10, version.size)
+
+
+def test_a_passthrough_for_a_client_that_verifies_is_read_as_parts_in_flight(
+    store: CountingStore, tmp_path: Path
+) -> None:
+    sd = resnet50_like(width=8)
+    version = stored_version(store, tmp_path, sd)
+    layout = lay_out(version, spec_json(sd))
+    part = 64 * KiB
+    raw = body(layout, store, version.digest, 10, version.size, part=part, in_parts=True)
+    assert raw == store.read_range(version.digest, 10, version.size)
+    store.reads.pop()  # the comparison's own read
+    covered = sorted(store.reads + store.streams)  # parts, however the reader asks for them
+    assert covered[0][0] == 10 and covered[-1][1] == version.size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))  # each byte read once
+    assert len(covered) == math.ceil((version.size - 10) / part)
+    assert max(hi - lo for lo, hi in covered) <= part
 
 
 # -- failures -------------------------------------------------------------------------------
