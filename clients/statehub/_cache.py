@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -66,7 +67,7 @@ def max_bytes_from_env() -> int:
 class CachedBody:
     """A cached body, open: eviction by another process cannot take it away mid-read."""
 
-    handle: IO[bytes]
+    handle: io.BufferedReader
     digest: str
     size: int
     etag: str
@@ -96,6 +97,12 @@ class Cache:
         self._requests = self.root / "requests"
         self._tmp = self.root / "tmp"
         self._answers = self.root / "answers"
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike[str] | None = None) -> Cache:
+        """The cache at ``root`` (default ``STATEHUB_CACHE``), bounded by
+        ``STATEHUB_CACHE_MAX_BYTES``."""
+        return cls(root if root is not None else default_root(), max_bytes_from_env())
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -132,8 +139,7 @@ class Cache:
     def drop(self, digest: str) -> None:
         """Forget a body that failed its check; requests naming it become misses."""
         with self._locked():
-            for name in (digest, f"{digest}.checked"):
-                (self._blobs / name).unlink(missing_ok=True)
+            self._remove_body(digest)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -239,20 +245,26 @@ class Cache:
                 break
             if digest == keep:
                 continue
-            for name in (digest, f"{digest}.checked"):
-                (self._blobs / name).unlink(missing_ok=True)
+            self._remove_body(digest)
             total -= size
             freed += size
-        for path in self._requests.glob("*.json") if self._requests.exists() else []:
-            record = self._record(path.stem)
-            if record is None or not (self._blobs / record["digest"]).exists():
-                path.unlink(missing_ok=True)
+        # Requests whose body is gone: read every record only when a body just went (or
+        # when asked to prune), not on each store (a store is every fetch's last step).
+        if freed or not keep:
+            for path in self._requests.glob("*.json") if self._requests.exists() else []:
+                record = self._record(path.stem)
+                if record is None or not (self._blobs / record["digest"]).exists():
+                    path.unlink(missing_ok=True)
         cutoff = time.time() - STALE_INCOMPLETE_S
         for path in self._tmp.glob("*.incomplete") if self._tmp.exists() else []:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff or max_bytes == 0:
                     path.unlink()
         return freed
+
+    def _remove_body(self, digest: str) -> None:
+        for name in (digest, f"{digest}.checked"):
+            (self._blobs / name).unlink(missing_ok=True)
 
     def _bodies(self) -> list[tuple[str, int, float]]:
         """(digest, size, last use) of every stored body."""
@@ -352,13 +364,11 @@ class Receiver:
         self._path.unlink(missing_ok=True)
 
 
-def _sha256_of(handle: IO[bytes]) -> str:
-    hasher = hashlib.sha256()
+def _sha256_of(handle: io.BufferedReader) -> str:
     handle.seek(0)
-    while block := handle.read(8 * 1024 * 1024):
-        hasher.update(block)
+    digest = hashlib.file_digest(handle, "sha256").hexdigest()
     handle.seek(0)
-    return hasher.hexdigest()
+    return digest
 
 
 def _write_atomic(path: Path, data: bytes, tmp: Path) -> None:

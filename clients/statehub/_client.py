@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -23,14 +22,7 @@ import torch
 from safetensors import safe_open
 
 from statehub import _dedup, _folders
-from statehub._cache import (
-    Cache,
-    CachedBody,
-    Receiver,
-    default_root,
-    max_bytes_from_env,
-    offline_from_env,
-)
+from statehub._cache import Cache, CachedBody, Receiver, offline_from_env
 from statehub._errors import (
     ConnectionFailed,
     IntegrityError,
@@ -148,8 +140,7 @@ class Client:
         self.offline = offline_from_env() if offline is None else offline
         self.cache: Cache | None = None
         if cache is not False:
-            root = default_root() if cache is None or cache is True else Path(cache)
-            self.cache = Cache(root, max_bytes_from_env())
+            self.cache = Cache.from_env(None if cache is None or cache is True else cache)
         if self.offline and self.cache is None:
             raise ValueError("offline=True serves from the cache: it needs one (cache=False)")
         token = token or os.environ.get("STATEHUB_TOKEN")
@@ -892,11 +883,12 @@ class Client:
                 )
             return _CachedBody(cached)
         if cached is not None:
-            with contextlib.ExitStack() as on_error:
-                on_error.callback(cached.close)
-                stream = _ResumableBody(self, method, path, body, if_none_match=cached.etag)
+            stream = _ResumableBody(self, method, path, body, if_none_match=cached.etag)
+            try:
                 stream.open()
-                on_error.pop_all()
+            except BaseException:
+                cached.close()
+                raise
             if stream.not_modified:
                 return _CachedBody(cached)
             cached.close()

@@ -50,11 +50,8 @@ def manifest_of(folder: Path) -> list[dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            hasher.update(block)
-    return hasher.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def push_folder(client: Client, model: str, folder: Path, params: dict[str, Any]) -> Version:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import torch
 
-from statehub._cache import Cache, default_root, max_bytes_from_env
+from statehub._cache import Cache
 from statehub._client import Client, Progress, split_ref
 from statehub._errors import ConnectionFailed, StatehubError
 from statehub._gate import REQUIREMENTS, GateResult, evaluate, junit_xml
@@ -1163,7 +1163,7 @@ def cache() -> None:
 
 
 def _local_cache() -> Cache:
-    return Cache(default_root(), max_bytes_from_env())
+    return Cache.from_env()
 
 
 @cache.command(name="ls")
