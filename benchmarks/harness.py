@@ -11,11 +11,10 @@ import platform
 import socket
 import statistics
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,51 +189,23 @@ class ShapedProxy(TcpProxy):
         self.first_byte_s = first_byte_s
         self.rate = rate
         self.shaping = True
+        self._requesting: set[socket.socket] = set()  # clients whose request is under way
         super().__init__(target)
 
-    def _connect(self, client: socket.socket) -> None:
+    def _on_chunk(self, source: socket.socket, sink: socket.socket, data: bytes) -> None:
         try:
-            upstream = socket.create_connection(self.target, timeout=10)
+            request = sink.getpeername() == self.target  # client -> store
         except OSError:
-            client.close()
             return
-        with self._lock:
-            self._connections.update((client, upstream))
-        answered = threading.Event()  # set: the client's next bytes start a request
-        answered.set()
-        pipes = (
-            (client, upstream, lambda data: self._first_byte(answered)),
-            (upstream, client, lambda data: self._throttle(len(data), answered)),
-        )
-        for source, sink, before in pipes:
-            threading.Thread(target=self._forward, args=(source, sink, before), daemon=True).start()
-
-    def _first_byte(self, answered: threading.Event) -> None:
-        if self.shaping and answered.is_set():
-            answered.clear()
-            time.sleep(self.first_byte_s)
-
-    def _throttle(self, size: int, answered: threading.Event) -> None:
-        answered.set()
+        if request:
+            # The first chunk after an answer starts a request: it waits for its first byte.
+            if self.shaping and source not in self._requesting:
+                self._requesting.add(source)
+                time.sleep(self.first_byte_s)
+            return
+        self._requesting.discard(sink)
         if self.shaping:
-            time.sleep(size / self.rate)
-
-    def _forward(
-        self, source: socket.socket, sink: socket.socket, before: Callable[[bytes], None]
-    ) -> None:
-        try:
-            while data := source.recv(65536):
-                before(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with self._lock:
-                    self._connections.discard(sock)
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+            time.sleep(len(data) / self.rate)
 
 
 class Stack:

@@ -33,8 +33,7 @@ class CountingProxy(TcpProxy):
             self._sent.append(record)
         try:
             while data := source.recv(65536):
-                if self.delay:
-                    threading.Event().wait(self.delay)
+                self._on_chunk(source, sink, data)
                 record += data  # all of it: a request line may start anywhere in a chunk
                 sink.sendall(data)
         except OSError:

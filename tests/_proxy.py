@@ -87,8 +87,7 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                if self.delay:
-                    time.sleep(self.delay)
+                self._on_chunk(source, sink, data)
                 sink.sendall(data)
         except OSError:
             pass
@@ -98,6 +97,11 @@ class TcpProxy:
                 self._connections.discard(sink)
             _close(source)
             _close(sink)
+
+    def _on_chunk(self, source: socket.socket, sink: socket.socket, data: bytes) -> None:
+        """Before each chunk is forwarded: where a subclass shapes the link."""
+        if self.delay:
+            time.sleep(self.delay)
 
 
 def _close(sock: socket.socket) -> None:
