@@ -43,6 +43,16 @@ def weights(seed: int, rows: int = 128) -> dict[str, torch.Tensor]:
     }
 
 
+REQUESTS = "statehub_http_requests_total"
+BLOB_ROUTE = "/v1/models/{namespace}/{name}/versions/{ref}/blob"
+PLAN_ROUTE = "/v1/models/{namespace}/{name}/versions/{ref}/plan"
+
+
+def answered(server: ServerProcess, method: str, route: str, status: str) -> float:
+    """Requests the server answered so far with ``status`` (compare two readings)."""
+    return value(scrape(server.url), REQUESTS, method=method, route=route, status=status)
+
+
 def fetch_modes(server: ServerProcess) -> dict[str, float]:
     samples = scrape(server.url)
     return {mode: value(samples, FETCHES, mode=mode) for mode in (*BODY_MODES, "not_modified")}
@@ -171,9 +181,8 @@ def test_offline_serves_the_cache_without_a_request_or_fails_clearly(
         with pytest.raises(NotCached):
             offline.fetch(f"{ns}/m:1", target=source)  # another request, though the same body
     after = scrape(server.url)
-    requests = "statehub_http_requests_total"
-    assert [k for k in after if k[0] == requests and after[k] != before.get(k, 0.0)] == [
-        (requests, frozenset({("method", "GET"), ("route", "/metrics"), ("status", "200")}))
+    assert [k for k in after if k[0] == REQUESTS and after[k] != before.get(k, 0.0)] == [
+        (REQUESTS, frozenset({("method", "GET"), ("route", "/metrics"), ("status", "200")}))
     ]  # the scrape itself was the only request
     with Client(dead_url(), retries=1) as elsewhere, pytest.raises(NotCached):
         elsewhere.fetch(f"{ns}/m", target=source)  # entries are per server
@@ -216,16 +225,11 @@ def test_a_repeated_pull_is_a_304_and_the_file_is_byte_for_byte_the_stored_one(
     source = weights(8)
     version = hub.push(f"{ns}/m", source)
     first = hub.pull(f"{ns}/m", tmp_path / "one.safetensors")
-    samples = scrape(server.url)
+    statuses = ("200", "304")
+    before = [answered(server, "GET", BLOB_ROUTE, status) for status in statuses]
     second = hub.pull(f"{ns}/m", tmp_path / "two.safetensors")
-    later = scrape(server.url)
-    route = "/v1/models/{namespace}/{name}/versions/{ref}/blob"
-    answered = {
-        status: value(later, "statehub_http_requests_total", method="GET", route=route, status=s)
-        - value(samples, "statehub_http_requests_total", method="GET", route=route, status=s)
-        for status, s in (("ok", "200"), ("not_modified", "304"))
-    }
-    assert answered == {"ok": 0, "not_modified": 1}
+    after = [answered(server, "GET", BLOB_ROUTE, status) for status in statuses]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [0, 1]  # no body, one 304
     assert first.read_bytes() == second.read_bytes()
     assert hashlib.sha256(second.read_bytes()).hexdigest() == version.digest
     assert_same(load_file(str(second)), source)
@@ -262,15 +266,9 @@ def test_processes_pulling_at_once_share_one_whole_entry(
     assert blob.name == version.digest
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == version.digest
     assert not list((client_cache / "tmp").glob("*.incomplete"))
-    before = scrape(server.url)
+    before = answered(server, "GET", BLOB_ROUTE, "304")
     hub.pull(f"{ns}/m", tmp_path / "after.st")
-    route = "/v1/models/{namespace}/{name}/versions/{ref}/blob"
-    labels = {"method": "GET", "route": route, "status": "304"}
-    assert (
-        value(scrape(server.url), "statehub_http_requests_total", **labels)
-        - value(before, "statehub_http_requests_total", **labels)
-        == 1
-    )
+    assert answered(server, "GET", BLOB_ROUTE, "304") - before == 1
 
 
 def test_statehub_cache_ls_prune_and_clear(hub: Client, ns: str, client_cache: Path) -> None:
@@ -350,11 +348,9 @@ def test_a_cached_fetch_into_a_meta_model_is_one_request_and_a_changed_one_is_pl
     old, new = weights(11), weights(12)
     hub.push(f"{ns}/m", old, alias="prod")
     on_meta = {k: v.to("meta") for k, v in old.items()}
-    plan_route = "/v1/models/{namespace}/{name}/versions/{ref}/plan"
-    labels = {"method": "POST", "route": plan_route, "status": "200"}
 
     def plans() -> float:
-        return value(scrape(server.url), "statehub_http_requests_total", **labels)
+        return answered(server, "POST", PLAN_ROUTE, "200")
 
     start = plans()
     assert_same(hub.fetch(f"{ns}/m@prod", target=on_meta), old)  # planned: meta has no values
@@ -383,7 +379,7 @@ def test_a_folder_snapshot_again_is_304s_and_offline_downloads_come_from_the_cac
         samples = scrape(server.url)
         return sum(
             v for (n, labels), v in samples.items()
-            if n == "statehub_http_requests_total" and ("status", "304") in labels
+            if n == REQUESTS and ("status", "304") in labels
         )  # fmt: skip
 
     hub.snapshot(f"{ns}/repo", tmp_path / "one")
