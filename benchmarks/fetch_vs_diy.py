@@ -261,6 +261,7 @@ def fetch_table(rows: Sequence[FetchRow]) -> str:
     for r in rows:
         goal = FETCH_TARGETS[r.key]
         first_ratio, median_ratio = r.diy.median / r.hub.first, r.diy.median / r.hub.median
+        cache_ratio = r.diy.median / r.client_cached.median
         body.append(
             (
                 r.label,
@@ -276,8 +277,8 @@ def fetch_table(rows: Sequence[FetchRow]) -> str:
                 r.served,
                 r.server_mib,
                 r.client_cached.median,
-                r.diy.median / r.client_cached.median,
-                _meets(r.diy.median / r.client_cached.median, CLIENT_CACHE_TARGET),
+                cache_ratio,
+                _meets(cache_ratio, CLIENT_CACHE_TARGET),
             )
         )
     headers = (
