@@ -31,6 +31,7 @@ from service.core.layout import HeaderBytes, Segment, StoredRange, Transformed, 
 from service.core.names import ModelName, VersionRef
 from service.core.plan import Plan, Policy
 from service.core.planner import plan as make_plan
+from service.core.recipes import matching_recipes
 from service.core.safetensors_format import build_header
 from service.core.spec import DTYPE_SIZES, ArchSpec, TensorSpec
 from service.errors import (
@@ -42,6 +43,7 @@ from service.errors import (
     TooLarge,
 )
 from service.ingest import tensor_bytes
+from service.recipes import builtin_recipes
 from service.registry import adapter_spec
 from service.settings import Settings
 from service.storage import repositories as repo
@@ -74,12 +76,18 @@ def source_spec(version: Version) -> ArchSpec:
 def applicable_adapters(
     session: Session, *, model: str, source: ArchSpec, target: ArchSpec, policy: Policy
 ) -> list[tuple[dict[str, Any], AdapterSpec]]:
-    """Adapters whose scope matches, plus unscoped ones the policy names explicitly."""
+    """Adapters whose scope matches, plus unscoped ones the policy names explicitly, and
+    the built-in recipes whose layout signature matches (unless the policy turns them
+    off) or that the policy names."""
     chosen = []
     latest = repo.latest_adapters(session)
-    unknown = set(policy.adapters) - {a.name for a in latest}
+    recipes = builtin_recipes()
+    unknown = set(policy.adapters) - {a.name for a in latest} - {r.name for r in recipes}
     if unknown:
-        raise InvalidRequest(f"unknown adapter(s) in policy: {sorted(unknown)}")
+        raise InvalidRequest(
+            f"unknown adapter(s) in policy: {sorted(unknown)} (built-in recipes: "
+            f"{', '.join(r.name for r in recipes)})"
+        )
     source_fp, target_fp = source.arch_fp, target.arch_fp
     for adapter in latest:
         scope = (adapter.scope_model, adapter.scope_source_arch_fp, adapter.scope_target_arch_fp)
@@ -93,6 +101,9 @@ def applicable_adapters(
             chosen.append(
                 ({"name": adapter.name, "version": adapter.version}, adapter_spec(adapter))
             )
+    for recipe in matching_recipes(recipes, source, target, policy.adapters):
+        if policy.builtin or recipe.name in policy.adapters:
+            chosen.append((recipe.meta, recipe.adapter))
     return chosen
 
 
@@ -172,7 +183,8 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
     # the header says where each is, and the stored bytes are then read front to back as a
     # few large ranges (a target in another order would make a read per tensor).
     loaded = sorted(
-        plan.loaded, key=lambda e: (e.source is None, offsets[e.source][0] if e.source else 0)
+        plan.loaded,
+        key=lambda e: (e.source is None, min((offsets[k][0] for k in e.inputs), default=0)),
     )
     _check_expansion(version, [target[e.target] for e in loaded], settings)
     synthesized = 0
@@ -192,7 +204,19 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
             )
         start = version.data_start + offsets[entry.source][0] if entry.source else 0
         spec = source[entry.source] if entry.source else None
-        segments.append(Transformed(entry, spec, start, target_tensor))
+        more = tuple(
+            (source[key], version.data_start + offsets[key][0]) for key in entry.inputs[1:]
+        )
+        segment = Transformed(entry, spec, start, target_tensor, more)
+        if more and (hull := segment.input_span[1] - segment.input_span[0]) > (
+            settings.max_transform_tensor_bytes
+        ):
+            raise TooLarge(
+                f"tensor {entry.target!r} joins checkpoint tensors {hull} bytes apart; the "
+                f"limit is {settings.max_transform_tensor_bytes} (STATEHUB_MAX_TRANSFORM_"
+                "TENSOR_BYTES): the pieces must lie closer together in the stored file"
+            )
+        segments.append(segment)
         synthesized += _synthesized_bytes(entry.ops, spec, target_tensor)
     mode = "transform" if any(isinstance(s, Transformed) for s in segments) else "rewrite"
     return FetchLayout(tuple(segments), mode, etag, plan, plan_id, synthesized)
@@ -469,11 +493,16 @@ def stream_fetch(
 
 
 def transform(segment: Transformed, raw: bytearray | memoryview) -> memoryview:
-    """Decode one source tensor from its stored bytes, apply its ops, return the target's
-    raw bytes."""
+    """Decode the source tensor(s) from their stored bytes, apply the ops, return the
+    target's raw bytes."""
     metrics.TENSORS_DECODED.inc()
-    tensor = decode(raw, segment.source) if segment.source is not None else None
-    result = ops.apply_chain(segment.entry.ops, tensor)
+    if segment.more:  # several inputs within ``raw``, which starts at the first of them
+        base = segment.input_span[0]
+        inputs = [decode(raw[at - base : at - base + t.nbytes], t) for t, at in segment.inputs]
+        result = ops.apply_inputs(segment.entry.ops, inputs)
+    else:
+        tensor = decode(raw, segment.source) if segment.source is not None else None
+        result = ops.apply_chain(segment.entry.ops, tensor)
     target = segment.target
     if tuple(result.shape) != target.shape or ops.dtype_code(result.dtype) != target.dtype:
         raise StorageError(  # the planner's inference and the ops disagree: never serve it

@@ -6,9 +6,19 @@ An adapter is a name, a scope and an ordered list of rules:
     {"type": "drop",   "pattern": ".*\\.num_batches_tracked"}
     {"type": "prefix", "strip": "module.", "add": "model."}
     {"type": "op",     "key": "head\\.weight", "op": {"op": "slice", "dim": 0, ...}}
+    {"type": "split",  "source": "blocks\\.(\\d+)\\.attn\\.qkv\\.weight",
+                       "targets": ["l.\\1.q.weight", "l.\\1.k.weight", "l.\\1.v.weight"], "dim": 0}
+    {"type": "concat", "target": "l\\.(\\d+)\\.qkv\\.weight",
+                       "sources": ["l.\\1.q.weight", "l.\\1.k.weight", "l.\\1.v.weight"], "dim": 0}
 
 Key rules (rename, drop, prefix) rewrite checkpoint keys, in order, before the planner's
 heuristics run. Op rules attach ops to the *target* keys their ``key`` pattern matches.
+Derive rules make tensors that are not one-to-one: a ``split`` cuts a checkpoint tensor
+(matched by ``source``, after the key rules) into the target keys its ``targets`` templates
+name, pieces sized by ``sizes`` or by the targets' shapes; a ``concat`` / ``stack`` builds
+a target key (matched by ``target``) from the checkpoint tensors its ``sources`` templates
+name. Templates use the matched pattern's groups, so one rule covers every layer; optional
+``ops`` follow (a transpose, a reshape chain).
 Patterns are full matches, compiled with RE2: matching runs in linear time, so a pattern such
 as ``(a+)+$`` cannot make the server backtrack for ever. Replacements use Python's syntax,
 ``\\1`` or ``\\g<name>``; we expand them ourselves (RE2's Python binding would pass the
@@ -38,7 +48,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.core.ops import describe_op, validate_op
+from service.core.ops import COMBINING_OPS, describe_op, validate_op
 from service.errors import InvalidAdapter
 
 MAX_RULES = 1000
@@ -305,7 +315,13 @@ class OpRule(_Frozen):
     @field_validator("op", mode="before")
     @classmethod
     def _valid_op(cls, op: Any) -> dict[str, Any]:
-        return validate_op(op)  # InvalidAdapter is a ValueError: pydantic reports it
+        valid = validate_op(op)  # InvalidAdapter is a ValueError: pydantic reports it
+        if valid["op"] in COMBINING_OPS:
+            raise ValueError(
+                f"{valid['op']} joins several checkpoint tensors: write a "
+                f"{valid['op']!r} rule with its sources, not an op rule"
+            )
+        return valid
 
     @cached_property
     def regex(self) -> Any:
@@ -318,7 +334,145 @@ class OpRule(_Frozen):
         return f"{describe_op(self.op)} on '{self.key}'"
 
 
-Rule = Annotated[RenameRule | DropRule | PrefixRule | OpRule, Field(discriminator="type")]
+MAX_PIECES = 1024  # targets of one split, sources of one concat (experts of a fused MoE)
+
+
+def _valid_chain(ops: list[Any]) -> list[dict[str, Any]]:
+    chain = [validate_op(op) for op in ops]
+    for op in chain:
+        if op["op"] in COMBINING_OPS or op["op"] == "fill":
+            raise ValueError(f"{op['op']} cannot follow a split or concat; it has no place here")
+    return chain
+
+
+def _check_templates(templates: Sequence[str], regex: Any, pattern: str) -> None:
+    for template in templates:
+        for kind, ref in parse_template(template):
+            if kind != "group":
+                continue
+            if isinstance(ref, int) and ref > regex.groups:
+                raise ValueError(
+                    f"'{template}' refers to group {ref} but '{pattern}' has "
+                    f"{regex.groups} group(s)"
+                )
+            if isinstance(ref, str) and ref not in regex.groupindex:
+                raise ValueError(f"'{template}' refers to unknown group '{ref}'")
+
+
+def _expand(regex: Any, templates: Sequence[list[_Piece]], key: str) -> list[str] | None:
+    match = regex.fullmatch(key)
+    if match is None:
+        return None
+    return [
+        "".join(v if kind == "text" else (match.group(v) or "") for kind, v in template)  # type: ignore[misc]
+        for template in templates
+    ]
+
+
+class SplitRule(_Frozen):
+    """One checkpoint tensor -> several target tensors, cut along ``dim`` (a fused qkv)."""
+
+    type: Literal["split"]
+    source: Pattern
+    targets: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
+        min_length=2, max_length=MAX_PIECES
+    )
+    dim: int = Field(default=0, ge=0, lt=64)
+    # Sizes of the pieces along ``dim``; None: each target's own size along ``dim``.
+    sizes: list[Annotated[int, Field(ge=0)]] | None = None
+    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+
+    @field_validator("source")
+    @classmethod
+    def _valid_regex(cls, pattern: str) -> str:
+        compile_pattern(pattern)
+        return pattern
+
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _valid_ops(cls, ops: Any) -> list[dict[str, Any]]:
+        return _valid_chain(ops if isinstance(ops, list) else [ops])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SplitRule:
+        for template in self.targets:
+            parse_template(template)
+        _check_templates(self.targets, self.regex, self.source)
+        if self.sizes is not None and len(self.sizes) != len(self.targets):
+            raise ValueError(f"{len(self.sizes)} sizes for {len(self.targets)} targets")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("a split names one target twice")
+        return self
+
+    @cached_property
+    def regex(self) -> Any:
+        return compile_pattern(self.source)
+
+    @cached_property
+    def templates(self) -> list[list[_Piece]]:
+        return [parse_template(t) for t in self.targets]
+
+    def targets_for(self, source_key: str) -> list[str] | None:
+        """The target keys this rule cuts ``source_key`` into, or None when it does not match."""
+        return _expand(self.regex, self.templates, source_key)
+
+    def describe(self) -> str:
+        return f"split '{self.source}' along dim {self.dim} into {len(self.targets)}"
+
+
+class CombineRule(_Frozen):
+    """Several checkpoint tensors -> one target tensor: ``concat`` along ``dim`` (q, k, v into
+    a fused qkv), or ``stack`` on a new ``dim`` (per-expert weights into one)."""
+
+    type: Literal["concat", "stack"]
+    target: Pattern
+    sources: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
+        min_length=2, max_length=MAX_PIECES
+    )
+    dim: int = Field(default=0, ge=0, lt=64)
+    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+
+    @field_validator("target")
+    @classmethod
+    def _valid_regex(cls, pattern: str) -> str:
+        compile_pattern(pattern)
+        return pattern
+
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _valid_ops(cls, ops: Any) -> list[dict[str, Any]]:
+        return _valid_chain(ops if isinstance(ops, list) else [ops])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CombineRule:
+        for template in self.sources:
+            parse_template(template)
+        _check_templates(self.sources, self.regex, self.target)
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"a {self.type} names one source twice")
+        return self
+
+    @cached_property
+    def regex(self) -> Any:
+        return compile_pattern(self.target)
+
+    @cached_property
+    def templates(self) -> list[list[_Piece]]:
+        return [parse_template(t) for t in self.sources]
+
+    def sources_for(self, target_key: str) -> list[str] | None:
+        """The checkpoint keys this rule joins into ``target_key``, or None (no match)."""
+        return _expand(self.regex, self.templates, target_key)
+
+    def describe(self) -> str:
+        return f"{self.type} {len(self.sources)} into '{self.target}' along dim {self.dim}"
+
+
+DeriveRule = SplitRule | CombineRule
+Rule = Annotated[
+    RenameRule | DropRule | PrefixRule | OpRule | SplitRule | CombineRule,
+    Field(discriminator="type"),
+]
 KeyRule = RenameRule | DropRule | PrefixRule
 
 
@@ -363,6 +517,11 @@ class AdapterSpec(_Frozen):
     def op_rules(self) -> list[tuple[int, OpRule]]:
         """(rule index, rule) of every op rule, in rule order."""
         return [(i, rule) for i, rule in enumerate(self.rules) if isinstance(rule, OpRule)]
+
+    @cached_property
+    def derive_rules(self) -> list[tuple[int, DeriveRule]]:
+        """(rule index, rule) of every split, concat and stack rule, in rule order."""
+        return [(i, r) for i, r in enumerate(self.rules) if isinstance(r, SplitRule | CombineRule)]
 
     @cached_property
     def _op_set(self) -> _PatternSet:

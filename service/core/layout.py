@@ -23,7 +23,7 @@ from service.core.spec import DTYPE_SIZES, TensorSpec
 # Ops that map element i of their input to element i of their output (in memory order):
 # a chain of them is computed a piece at a time, so a cast of a 1 GiB tensor holds a part,
 # not the tensor and its cast copy.
-ELEMENTWISE_OPS = frozenset({"cast", "reshape"})
+ELEMENTWISE_OPS = frozenset({"cast", "reshape", "unflatten", "flatten"})
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,35 @@ class Transformed:
     source: TensorSpec | None  # None: made from nothing (a fill)
     source_start: int  # offset of the source tensor in the stored bytes
     target: TensorSpec
+    # The further inputs of an entry made from several tensors (a concat), with offsets.
+    more: tuple[tuple[TensorSpec, int], ...] = ()
 
     @property
     def length(self) -> int:
         return self.target.nbytes
 
     @property
+    def inputs(self) -> tuple[tuple[TensorSpec, int], ...]:
+        """Every source tensor with its offset in the stored bytes, in the entry's order."""
+        if self.source is None:
+            return ()
+        return ((self.source, self.source_start), *self.more)
+
+    @property
+    def input_span(self) -> tuple[int, int]:
+        """The stored bytes from the first input's start to the last one's end: one span,
+        read as the parts that hold it (inputs of one layer lie close together)."""
+        return (
+            min(start for _, start in self.inputs),
+            max(start + spec.nbytes for spec, start in self.inputs),
+        )
+
+    @property
     def elementwise(self) -> bool:
         """Element i of the target is made from element i of the source alone."""
         return (
             self.source is not None
+            and not self.more
             and self.source.numel == self.target.numel
             and all(op.get("op") in ELEMENTWISE_OPS for op in self.entry.ops)
         )
@@ -145,7 +164,7 @@ def source_span(segment: Segment, lo: int, hi: int) -> tuple[int, int] | None:
             return _nonempty(
                 (segment.source_start + first * size, segment.source_start + last * size)
             )
-        span = segment.source_start, segment.source_start + segment.source.nbytes
+        span = segment.input_span
     else:
         return None
     return _nonempty(span)

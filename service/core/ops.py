@@ -8,12 +8,19 @@ adapters carry them as rules, and the fetch stream applies them tensor by tensor
     adapt_in_channels   in_chans, dim=1             timm's ``adapt_input_conv``
     resample_pos_embed  num_prefix_tokens, old_grid, new_grid, mode="bicubic"
     reshape             shape
-    transpose           dims (a permutation)
+    transpose           dims (a permutation: torch's ``permute``)
+    unflatten           dim, sizes                  split ``dim`` into ``sizes`` (one may be -1)
+    flatten             start, end                  merge dims ``start..end`` (inclusive)
+    concat              dim                         join several inputs along ``dim``
+    stack               dim                         stack several inputs on a new ``dim``
     cast                dtype (a safetensors code)
     fill                value, shape, dtype         a new tensor; the input is ignored
 
-``validate_op`` checks user-supplied ops (adapters); ``infer`` / ``infer_chain`` give the
-shape and dtype an op produces without touching data, which is all the planner needs.
+``concat`` and ``stack`` combine the inputs of an entry that derives one tensor from several
+(a fused qkv from q, k, v); they come first in a chain and only there (``infer_inputs``,
+``apply_inputs``). ``validate_op`` checks user-supplied ops (adapters); ``infer`` /
+``infer_chain`` give the shape and dtype an op produces without touching data, which is all
+the planner needs.
 torch is imported lazily, only by ``apply`` and the dtype helpers, so the planner and the
 adapters stay importable (and fast to import) without it.
 """
@@ -102,6 +109,21 @@ def fill_op(value: float | bool, shape: Sequence[int], dtype: str) -> Op:
         }
     except _Bad as exc:
         raise OpError(f"fill: {exc}") from None
+
+
+def unflatten_op(dim: int, sizes: Sequence[int]) -> Op:
+    return {"op": "unflatten", "dim": dim, "sizes": list(sizes)}
+
+
+def flatten_op(start: int, end: int) -> Op:
+    return {"op": "flatten", "start": start, "end": end}
+
+
+def combine_op(name: str, dim: int) -> Op:
+    """``concat`` or ``stack`` along ``dim``: the first op of a several-input chain."""
+    if name not in COMBINING_OPS:
+        raise OpError(f"{name!r} does not combine inputs; use one of {sorted(COMBINING_OPS)}")
+    return {"op": name, "dim": dim}
 
 
 def describe_op(op: Op) -> str:
@@ -219,6 +241,32 @@ def _validate_transpose(args: dict[str, Any]) -> Op:
     return {"op": "transpose", "dims": dims}
 
 
+def _validate_unflatten(args: dict[str, Any]) -> Op:
+    dim = _int(args["dim"], "dim", high=MAX_RANK - 1)
+    sizes = args["sizes"]
+    if not isinstance(sizes, list | tuple) or not 1 <= len(sizes) <= MAX_RANK:
+        raise _Bad(f"sizes must be a list of 1 to {MAX_RANK} integers, got {sizes!r}")
+    checked = [
+        -1 if s == -1 and not isinstance(s, bool) else _int(s, f"sizes[{i}]", low=1)
+        for i, s in enumerate(sizes)
+    ]
+    if checked.count(-1) > 1:
+        raise _Bad(f"sizes may infer one dimension (-1), got {checked}")
+    return unflatten_op(dim, checked)
+
+
+def _validate_flatten(args: dict[str, Any]) -> Op:
+    start = _int(args["start"], "start", high=MAX_RANK - 1)
+    end = _int(args["end"], "end", high=MAX_RANK - 1)
+    if end < start:
+        raise _Bad(f"end ({end}) must be >= start ({start})")
+    return flatten_op(start, end)
+
+
+def _validate_combine(name: str) -> Callable[[dict[str, Any]], Op]:
+    return lambda args: combine_op(name, _int(args["dim"], "dim", high=MAX_RANK - 1))
+
+
 def _validate_cast(args: dict[str, Any]) -> Op:
     return cast_op(_dtype(args["dtype"]))
 
@@ -241,10 +289,16 @@ _SCHEMAS: dict[str, tuple[frozenset[str], frozenset[str], Callable[[dict[str, An
     ),
     "reshape": (frozenset({"shape"}), frozenset(), _validate_reshape),
     "transpose": (frozenset({"dims"}), frozenset(), _validate_transpose),
+    "unflatten": (frozenset({"dim", "sizes"}), frozenset(), _validate_unflatten),
+    "flatten": (frozenset({"start", "end"}), frozenset(), _validate_flatten),
+    "concat": (frozenset({"dim"}), frozenset(), _validate_combine("concat")),
+    "stack": (frozenset({"dim"}), frozenset(), _validate_combine("stack")),
     "cast": (frozenset({"dtype"}), frozenset(), _validate_cast),
     "fill": (frozenset({"value", "shape", "dtype"}), frozenset(), _validate_fill),
 }
 OP_NAMES = tuple(_SCHEMAS)
+# Ops that take several inputs; the rest take one (or none: fill).
+COMBINING_OPS = frozenset({"concat", "stack"})
 
 
 def validate_op(op: Any) -> Op:
@@ -334,6 +388,32 @@ def _infer_transpose(op: Op, shape: Shape, dtype: str) -> tuple[Shape, str]:
     return tuple(shape[d] for d in dims), dtype
 
 
+def _infer_unflatten(op: Op, shape: Shape, dtype: str) -> tuple[Shape, str]:
+    dim = _check_dim(op, shape)
+    sizes = list(op["sizes"])
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known == 0 or shape[dim] % known:
+            raise OpError(
+                f"unflatten: dim {dim} of shape {list(shape)} ({shape[dim]}) is not divisible "
+                f"by {known} (sizes {sizes})"
+            )
+        sizes[sizes.index(-1)] = shape[dim] // known
+    elif known != shape[dim]:
+        raise OpError(
+            f"unflatten: sizes {sizes} hold {known} elements, dim {dim} of shape "
+            f"{list(shape)} holds {shape[dim]}"
+        )
+    return (*shape[:dim], *sizes, *shape[dim + 1 :]), dtype
+
+
+def _infer_flatten(op: Op, shape: Shape, dtype: str) -> tuple[Shape, str]:
+    start, end = op["start"], op["end"]
+    if end >= len(shape):
+        raise OpError(f"flatten: dims {start}..{end} out of range for shape {list(shape)}")
+    return (*shape[:start], math.prod(shape[start : end + 1]), *shape[end + 1 :]), dtype
+
+
 def _infer_cast(op: Op, shape: Shape, dtype: str) -> tuple[Shape, str]:
     return shape, op["dtype"]
 
@@ -353,6 +433,8 @@ _INFER: dict[str, Callable[[Op, Shape, str], tuple[Shape, str]]] = {
     "resample_pos_embed": _infer_resample,
     "reshape": _infer_reshape,
     "transpose": _infer_transpose,
+    "unflatten": _infer_unflatten,
+    "flatten": _infer_flatten,
     "cast": _infer_cast,
     "fill": _infer_fill,
 }
@@ -374,6 +456,55 @@ def infer_chain(ops: Sequence[Op], shape: Sequence[int], dtype: str) -> tuple[Sh
     for op in ops:
         current, current_dtype = infer(op, current, current_dtype)
     return current, current_dtype
+
+
+def infer_combine(op: Op, inputs: Sequence[tuple[Sequence[int], str]]) -> tuple[Shape, str]:
+    """Shape and dtype of ``concat`` / ``stack`` over ``inputs`` (shape, dtype) pairs:
+    every input of one dtype and rank, equal in every dim but ``dim`` (concat) or in all
+    (stack). OpError says which input disagrees."""
+    name, dim = op.get("op"), int(op["dim"])
+    if name not in COMBINING_OPS:
+        raise OpError(f"{name!r} does not combine inputs")
+    if len(inputs) < 2:
+        raise OpError(f"{name}: needs at least two inputs, got {len(inputs)}")
+    first_shape, first_dtype = tuple(inputs[0][0]), inputs[0][1]
+    rank = len(first_shape) + (1 if name == "stack" else 0)
+    if dim >= rank:
+        raise OpError(f"{name}: dim {dim} out of range for inputs of shape {list(first_shape)}")
+    for i, (shape, dtype) in enumerate(inputs[1:], start=1):
+        if dtype != first_dtype:
+            raise OpError(f"{name}: input {i} is {dtype}, input 0 is {first_dtype}")
+        other = tuple(shape)
+        same = (
+            other == first_shape
+            if name == "stack"
+            else len(other) == len(first_shape)
+            and all(
+                a == b for d, (a, b) in enumerate(zip(other, first_shape, strict=True)) if d != dim
+            )
+        )
+        if not same:
+            raise OpError(
+                f"{name}: input {i} has shape {list(other)}, which does not "
+                f"{'equal' if name == 'stack' else 'line up with'} input 0's "
+                f"{list(first_shape)} along dim {dim}"
+            )
+    if name == "stack":
+        return (*first_shape[:dim], len(inputs), *first_shape[dim:]), first_dtype
+    total = sum(tuple(shape)[dim] for shape, _ in inputs)
+    return _with_dim(first_shape, dim, total), first_dtype
+
+
+def infer_inputs(
+    ops: Sequence[Op], inputs: Sequence[tuple[Sequence[int], str]]
+) -> tuple[Shape, str]:
+    """Shape and dtype of a chain over its inputs: several inputs need a combining first op."""
+    if ops and ops[0].get("op") in COMBINING_OPS:
+        shape, dtype = infer_combine(ops[0], inputs)
+        return infer_chain(ops[1:], shape, dtype)
+    if len(inputs) != 1:
+        raise OpError(f"{len(inputs)} inputs need concat or stack first")
+    return infer_chain(ops, *inputs[0])
 
 
 # ------------------------------------------------------------------------------- applying
@@ -486,6 +617,15 @@ def _apply_transpose(op: Op, t: torch.Tensor) -> torch.Tensor:
     return t.permute(*op["dims"]).contiguous()
 
 
+def _apply_unflatten(op: Op, t: torch.Tensor) -> torch.Tensor:
+    shape, _ = _infer_unflatten(op, tuple(t.shape), "")
+    return t.reshape(shape).contiguous()
+
+
+def _apply_flatten(op: Op, t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(op["start"], op["end"]).contiguous()
+
+
 def _apply_cast(op: Op, t: torch.Tensor) -> torch.Tensor:
     return t.to(_torch_dtypes()[op["dtype"]]).contiguous()
 
@@ -502,6 +642,8 @@ _APPLY: dict[str, Callable[[Op, Any], Any]] = {
     "resample_pos_embed": _apply_resample,
     "reshape": _apply_reshape,
     "transpose": _apply_transpose,
+    "unflatten": _apply_unflatten,
+    "flatten": _apply_flatten,
     "cast": _apply_cast,
     "fill": _apply_fill,
 }
@@ -512,6 +654,8 @@ def apply(op: Op, tensor: torch.Tensor | None) -> torch.Tensor:
     name = op.get("op")
     if name == "fill":
         return _apply_fill(op, tensor)
+    if name in COMBINING_OPS:
+        raise OpError(f"{name}: combines several inputs; it must be a chain's first op")
     if name not in _APPLY:
         raise OpError(f"unknown op {name!r}")
     if tensor is None:
@@ -535,3 +679,17 @@ def apply_chain(ops: Sequence[Op], tensor: torch.Tensor | None) -> torch.Tensor:
         result = apply(op, result)
     assert result is not None
     return result
+
+
+def apply_inputs(ops: Sequence[Op], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Apply a chain to its inputs: several inputs are first combined by ``ops[0]``."""
+    if ops and ops[0].get("op") in COMBINING_OPS:
+        expected = infer_combine(ops[0], [(tuple(t.shape), dtype_code(t.dtype)) for t in inputs])
+        join = _torch().cat if ops[0]["op"] == "concat" else _torch().stack
+        combined = join(list(inputs), dim=ops[0]["dim"])
+        if tuple(combined.shape) != expected[0]:  # an internal bug, never a user's mistake
+            raise AssertionError(f"{ops[0]['op']} produced {list(combined.shape)}")
+        return apply_chain(ops[1:], combined)
+    if len(inputs) != 1:
+        raise OpError(f"{len(inputs)} inputs need concat or stack first")
+    return apply_chain(ops, inputs[0])

@@ -29,7 +29,8 @@ STAGES = (
 )
 # Ops the heuristic stages may use; `allow_ops` in the policy narrows this set.
 HEURISTIC_OPS = ("adapt_in_channels", "slice", "pad", "resample_pos_embed", "cast", "fill")
-ALL_OPS = (*HEURISTIC_OPS, "reshape", "transpose")
+# Only adapters and recipes write these (a split is slices of one source).
+ALL_OPS = (*HEURISTIC_OPS, "reshape", "transpose", "unflatten", "flatten", "concat", "stack")
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,11 @@ class Policy:
     embedding: Literal["keep", "resize"] = "keep"
     on_missing: Literal["keep", "error"] = "keep"
     allow_ops: tuple[str, ...] = ALL_OPS
-    # Adapters with an empty scope apply only when named here.
+    # Adapters with an empty scope, and built-in recipes whose signature does not match,
+    # apply only when named here.
     adapters: tuple[str, ...] = ()
+    # Built-in recipes (service/recipes) apply where their layout signature matches.
+    builtin: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,6 +67,16 @@ class Entry:
     evidence: dict[str, Any] | None = None
     # Set on tie-group members written once under another key (the canonical member).
     tied_to: str | None = None
+    # Every checkpoint tensor the entry reads, in order, when it derives its tensor from
+    # several (``ops[0]`` is then concat or stack); ``source`` is the first of them.
+    sources: list[str] | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The checkpoint keys this entry reads (none for a fill or a kept key)."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [self.source] if self.source is not None else []
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -77,6 +91,8 @@ class Entry:
             data["evidence"] = self.evidence
         if self.tied_to is not None:
             data["tied_to"] = self.tied_to
+        if self.sources is not None:
+            data["sources"] = self.sources
         return data
 
 

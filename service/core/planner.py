@@ -35,6 +35,8 @@ from service.core.adapters import (
     AdapterBudget,
     AdapterLimits,
     AdapterSpec,
+    CombineRule,
+    SplitRule,
     adapter_label,
     apply_key_rules,
     match_op_rules,
@@ -43,8 +45,10 @@ from service.core.ops import (
     OpError,
     adapt_in_channels_op,
     cast_op,
+    combine_op,
     fill_op,
     infer_chain,
+    infer_inputs,
     pad_op,
     resample_pos_embed_op,
     slice_op,
@@ -296,6 +300,10 @@ class _Planner:
         self.reasons: list[str] = []
         self.dropped: list[str] = []
         self.used_adapters: set[int] = set()
+        # Derive rules: the inputs of each several-source entry, and which rule took each
+        # checkpoint tensor (a second rule wanting it is an overlap, said so).
+        self.inputs_of: dict[str, list[_Source]] = {}
+        self.consumed: dict[str, str] = {}
         # Stage 6 landmarks, found when first needed.
         self.first_conv: str | None = None
         self.head_keys: frozenset[str] = frozenset()
@@ -359,7 +367,7 @@ class _Planner:
         if not self.adapters:
             return
         self.rewrite_source_keys()
-        used_rules: set[tuple[int, int]] = set()
+        used_rules = self.derive_tensors()
         for key in list(self.open):
             matches = match_op_rules(self.adapters, key, self.budget)
             if matches:
@@ -378,11 +386,160 @@ class _Planner:
                 self.take(key, key)
                 self.load(key, src, stage="adapter", rule="")
         for a, (meta, spec) in enumerate(self.adapters):
-            for r, _ in spec.op_rules:
+            for r, rule in [*spec.op_rules, *spec.derive_rules]:
                 if (a, r) not in used_rules:
                     self.warnings.append(
-                        f"adapter {adapter_label(meta, spec)} rule {r}: op rule applied to no key"
+                        f"adapter {adapter_label(meta, spec)} rule {r}: {rule.type} rule "
+                        "applied to no key"
                     )
+
+    def derive_tensors(self) -> set[tuple[int, int]]:
+        """Split and concat/stack rules, adapter by adapter and rule by rule, over the
+        checkpoint keys as the key rules left them. Returns the (adapter, rule) pairs used."""
+        used: set[tuple[int, int]] = set()
+        for a, (meta, spec) in enumerate(self.adapters):
+            for r, rule in spec.derive_rules:
+                label = f"adapter {adapter_label(meta, spec)} rule {r}: {rule.describe()}"
+                if isinstance(rule, SplitRule):
+                    applied = self.split(rule, label)
+                else:
+                    applied = self.combine(rule, label)
+                if applied:
+                    used.add((a, r))
+                    self.used_adapters.add(a)
+        return used
+
+    def overlap(self, key: str, label: str) -> None:
+        earlier = self.entries[key].rule if key in self.entries else self.consumed.get(key, "")
+        self.reasons.append(f"rules overlap on '{key}': {earlier.split('; ')[-1]} and {label}")
+
+    def split(self, rule: SplitRule, label: str) -> bool:
+        applied = False
+        for name in [*self.pool, *self.consumed]:
+            self.budget.charge(len(name))
+            targets = rule.targets_for(name)
+            if targets is None:
+                continue
+            if name in self.consumed:  # an earlier rule took it already
+                self.overlap(name, label)
+                applied = True
+                continue
+            for target in targets:
+                self.budget.check_key(target, name, label)
+            if any(t not in self.open for t in targets):
+                taken = [t for t in targets if t in self.entries]
+                for t in taken:
+                    self.overlap(t, label)
+                if not taken:
+                    continue  # the model has not all the pieces: not its layout
+            applied = True
+            src = self.pool.pop(name)
+            self.consumed[name] = label
+            self.split_one(name, src, [t for t in targets if t in self.open], rule, label)
+        return applied
+
+    def split_one(
+        self, name: str, src: _Source, targets: list[str], rule: SplitRule, label: str
+    ) -> None:
+        dim = rule.dim
+        if rule.sizes is not None:
+            sizes = list(rule.sizes)
+        elif rule.ops:
+            sizes = []
+            self.reasons.append(f"{label}: give 'sizes' (the ops change the pieces' shapes)")
+        else:
+            sizes = [
+                self.open[t].shape[dim] if dim < len(self.open[t].shape) else -1 for t in targets
+            ]
+        covered = sum(sizes)
+        if sizes and (dim >= len(src.shape) or -1 in sizes or covered != src.shape[dim]):
+            along = src.shape[dim] if dim < len(src.shape) else "no such dim"
+            self.reasons.append(
+                f"{label}: '{name}' {_shape_text(src.shape)} cut into pieces of "
+                f"{sizes} along dim {dim} ({along}): the pieces must cover it exactly"
+            )
+            sizes = []
+        offset = 0
+        for i, target in enumerate(targets):
+            self.take(target)
+            if not sizes:
+                self.keep(target, stage="adapter", rule=label, evidence={"checkpoint_key": name})
+                continue
+            ops = [slice_op(dim, offset, offset + sizes[i]), *copy.deepcopy(rule.ops)]
+            offset += sizes[i]
+            self.derived(target, [src], ops, label)
+
+    def combine(self, rule: CombineRule, label: str) -> bool:
+        applied = False
+        for key in list(self.open):
+            self.budget.charge(len(key))
+            names = rule.sources_for(key)
+            if names is None:
+                continue
+            for name in names:
+                self.budget.check_key(name, key, label)
+            lacking = [n for n in names if n not in self.pool]
+            if len(lacking) == len(names) and not any(n in self.consumed for n in names):
+                continue  # none of the pieces: not this checkpoint's layout
+            applied = True
+            self.take(key)
+            if taken := [n for n in lacking if n in self.consumed]:
+                for name in taken:
+                    self.overlap(name, label)
+                self.keep(key, stage="adapter", rule=label)
+                continue
+            if lacking:
+                self.reasons.append(
+                    f"'{key}': {label} needs {_names(names)}; the checkpoint lacks "
+                    f"{_names(lacking)}"
+                )
+                self.keep(key, stage="adapter", rule=label)
+                continue
+            sources = [self.pool.pop(n) for n in names]
+            for name in names:
+                self.consumed[name] = label
+            ops = [combine_op(rule.type, rule.dim), *copy.deepcopy(rule.ops)]
+            self.derived(key, sources, ops, label)
+        return applied
+
+    def derived(self, key: str, sources: list[_Source], ops: list[Op], label: str) -> None:
+        """The entry for a target key a derive rule makes, checked: shapes line up, and the
+        policy allows the ops; otherwise the model keeps its own value, with the reason."""
+        target = self.open.get(key) or self.target[key]
+        inputs = [(s.shape, s.dtype) for s in sources]
+        try:
+            shape, _ = infer_inputs(ops, inputs)
+            problem = None if shape == target.shape else f"give {_shape_text(shape)}"
+        except OpError as exc:
+            problem = str(exc)
+        names = [s.stored for s in sources]
+        evidence = {"checkpoint_keys": [s.original for s in sources]}
+        if problem is not None:
+            self.reasons.append(
+                f"'{key}' {_shape_text(target.shape)}: {label} on {_names(names)}: {problem}"
+            )
+            self.keep(key, stage="adapter", rule=label, evidence=evidence)
+        elif forbidden := self.forbidden(ops):
+            self.reasons.append(
+                f"'{key}' needs {', '.join(forbidden)} ({label}), which the policy does not allow"
+            )
+            self.keep(key, stage="adapter", rule=label, evidence=evidence)
+        elif len(sources) == 1:
+            self.load(key, sources[0], stage="adapter", rule=label, ops=ops)
+        else:
+            history = "; ".join(n for s in sources for n in s.renames)
+            self.entries[key] = Entry(
+                target=key,
+                source=names[0],
+                action="transform",
+                stage="adapter",
+                rule=f"{history}; {label}" if history else label,
+                ops=ops,
+                evidence=evidence,
+                sources=names,
+            )
+            self.loaded_from[key] = sources[0]
+            self.inputs_of[key] = sources
 
     def rewrite_source_keys(self) -> None:
         result = apply_key_rules(self.adapters, list(self.pool), self.budget)
@@ -767,7 +924,11 @@ class _Planner:
             target, src = self.target[key], self.loaded_from.get(key)
             # Only adapter fills have no source; a fill ignores its input anyway.
             shape, dtype = (src.shape, src.dtype) if src else (target.shape, target.dtype)
-            if entry.ops:
+            if key in self.inputs_of:
+                dtype = infer_inputs(entry.ops, [(s.shape, s.dtype) for s in self.inputs_of[key]])[
+                    1
+                ]
+            elif entry.ops:
                 dtype = infer_chain(entry.ops, shape, dtype)[1]
             if dtype == target.dtype:
                 continue
@@ -841,7 +1002,7 @@ class _Planner:
                     continue
                 entry = self.entries[key]
                 if entry.action != "keep_target" and (
-                    (entry.source, entry.ops) != (canonical.source, canonical.ops)
+                    (entry.inputs, entry.ops) != (canonical.inputs, canonical.ops)
                 ):
                     self.warnings.append(
                         f"tie group: '{key}' matched '{entry.source}' but shares storage with "
@@ -855,6 +1016,7 @@ class _Planner:
                     rule=f"tied to {canonical.target}",
                     ops=copy.deepcopy(canonical.ops),
                     tied_to=canonical.target,
+                    sources=copy.copy(canonical.sources),
                 )
 
     # ---------------------------------------------------------------- verdict
@@ -864,7 +1026,7 @@ class _Planner:
 
     def build_plan(self) -> Plan:
         entries = self.ordered_entries()
-        used = {e.source for e in entries if e.source is not None}
+        used = {key for e in entries for key in e.inputs}
         unused = [t.key for t in self.source.tensors if t.key not in used]
         dropped_set = set(self.dropped)
         unused = [k for k in unused if k not in dropped_set]

@@ -1,0 +1,165 @@
+"""Rules that derive tensors from several, or several from one (issue 15 item 1): split,
+concat, stack and the unflatten/transpose/flatten chain, planned on specs and applied on
+tensors; bad input is a reason in the plan or an invalid adapter, never a wrong copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.core import ops
+from service.core.adapters import parse_adapter
+from service.core.planner import plan
+from service.core.recipes import parse_recipe
+from service.core.spec import ArchSpec
+from service.errors import InvalidAdapter
+from service.recipes import builtin_recipes
+
+QKV = r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)"
+PIECES = [rf"l.\1.{n}.\2" for n in "qkv"]
+
+
+def spec(tensors: dict[str, tuple[tuple[int, ...], str]]) -> ArchSpec:
+    return ArchSpec.of((k, list(shape), dtype) for k, (shape, dtype) in tensors.items())
+
+
+def adapter(*rules: dict[str, object]) -> list[tuple[dict[str, object], object]]:
+    return [({"name": "a", "version": 1}, parse_adapter({"name": "a", "rules": list(rules)}))]
+
+
+FUSED = spec({"blocks.0.attn.qkv.weight": ((12, 4), "F32")})
+SPLIT = spec({f"l.0.{n}.weight": ((4, 4), "F32") for n in "qkv"})
+
+
+def test_a_split_cuts_the_rows_by_the_targets_shapes_and_a_concat_joins_them() -> None:
+    cut = plan(FUSED, SPLIT, adapters=adapter({"type": "split", "source": QKV, "targets": PIECES}))
+    assert cut.verdict == "adapted" and cut.unused == []
+    assert [e.ops for e in cut.entries] == [[ops.slice_op(0, i, i + 4)] for i in (0, 4, 8)]
+    rule = {"type": "concat", "target": QKV, "sources": PIECES}
+    joined = plan(SPLIT, FUSED, adapters=adapter(rule))
+    (entry,) = joined.entries
+    assert joined.verdict == "adapted" and entry.sources == [f"l.0.{n}.weight" for n in "qkv"]
+    assert entry.ops == [ops.combine_op("concat", 0)]
+
+
+def test_a_split_whose_pieces_do_not_cover_the_source_is_incompatible() -> None:
+    rule = {"type": "split", "source": QKV, "targets": PIECES, "sizes": [4, 4, 3]}
+    result = plan(FUSED, SPLIT, adapters=adapter(rule))
+    assert result.verdict == "incompatible"
+    assert "must cover it exactly" in result.reasons[0] and result.keep_target == SPLIT.keys
+
+
+def test_a_concat_of_pieces_that_disagree_in_shape_or_dtype_is_incompatible() -> None:
+    rule = {"type": "concat", "target": QKV, "sources": PIECES}
+    for bad in ({"l.0.v.weight": ((4, 5), "F32")}, {"l.0.v.weight": ((4, 4), "F16")}):
+        pieces = spec({**{f"l.0.{n}.weight": ((4, 4), "F32") for n in "qk"}, **bad})
+        result = plan(pieces, FUSED, adapters=adapter(rule))
+        assert result.verdict == "incompatible" and result.keep_target == FUSED.keys
+        assert "input 2" in result.reasons[0]
+
+
+def test_a_concat_missing_a_piece_names_it() -> None:
+    rule = {"type": "concat", "target": QKV, "sources": PIECES}
+    two = spec({f"l.0.{n}.weight": ((4, 4), "F32") for n in "qk"})
+    result = plan(two, FUSED, adapters=adapter(rule))
+    assert result.verdict == "incompatible" and "lacks 'l.0.v.weight'" in result.reasons[0]
+
+
+def test_overlapping_rules_are_incompatible_not_a_silent_choice() -> None:
+    split = {"type": "split", "source": QKV, "targets": PIECES}
+    twice = plan(FUSED, SPLIT, adapters=adapter(split, split))
+    assert twice.verdict == "incompatible" and "rules overlap" in twice.reasons[0]
+    both = spec({**dict((t.key, (t.shape, t.dtype)) for t in SPLIT.tensors)})
+    rule = {"type": "stack", "target": r"all\.weight", "sources": ["l.0.q.weight", "l.0.k.weight"]}
+    target = spec({"all.weight": ((2, 4, 4), "F32"), "l.0.q.weight": ((4, 4), "F32")})
+    again = {
+        "type": "concat",
+        "target": r"l\.0\.q\.weight",
+        "sources": ["l.0.q.weight", "l.0.v.weight"],
+    }
+    result = plan(both, target, adapters=adapter(rule, again))
+    assert (
+        result.verdict == "incompatible" and "rules overlap on 'l.0.q.weight'" in result.reasons[0]
+    )
+
+
+def test_stack_builds_a_new_dimension_and_the_policy_can_forbid_it() -> None:
+    experts = spec({f"e.{i}.w": ((3, 2), "BF16") for i in range(4)})
+    fused = spec({"experts.w": ((4, 3, 2), "F32")})
+    rule = {"type": "stack", "target": r"experts\.w", "sources": [f"e.{i}.w" for i in range(4)]}
+    result = plan(experts, fused, adapters=adapter(rule))
+    (entry,) = result.entries
+    assert result.verdict == "adapted" and entry.ops[-1] == ops.cast_op("F32")
+    from service.core.plan import ALL_OPS, Policy
+
+    narrow = Policy(allow_ops=tuple(o for o in ALL_OPS if o != "stack"))
+    refused = plan(experts, fused, adapters=adapter(rule), policy=narrow)
+    assert refused.verdict == "incompatible" and "stack" in refused.reasons[0]
+
+
+def test_the_rotary_permutation_is_an_unflatten_transpose_flatten_chain() -> None:
+    """transformers' convert_llama_weights_to_hf permutes Meta's q/k rows with
+    view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(dim, dim); the same chain as
+    data, and its inverse, round-trips."""
+    heads, head_dim, dim = 4, 8, 32
+    meta = torch.randn(heads * head_dim, dim)
+    expected = meta.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(dim, dim)
+    to_hf = [
+        ops.validate_op({"op": "unflatten", "dim": 0, "sizes": [-1, head_dim // 2, 2]}),
+        ops.validate_op({"op": "transpose", "dims": [0, 2, 1, 3]}),
+        ops.validate_op({"op": "flatten", "start": 0, "end": 2}),
+    ]
+    assert ops.infer_chain(to_hf, (dim, dim), "F32") == ((dim, dim), "F32")
+    hf = ops.apply_chain(to_hf, meta)
+    assert torch.equal(hf, expected)
+    to_meta = [{**to_hf[0], "sizes": [-1, 2, head_dim // 2]}, to_hf[1], to_hf[2]]
+    assert torch.equal(ops.apply_chain(to_meta, hf), meta)
+
+
+def test_an_unflatten_that_does_not_divide_the_shape_is_an_op_error() -> None:
+    op = ops.validate_op({"op": "unflatten", "dim": 0, "sizes": [-1, 5]})
+    with pytest.raises(ops.OpError, match="not divisible"):
+        ops.infer(op, (12, 4), "F32")
+    with pytest.raises(InvalidAdapter, match="one dimension"):
+        ops.validate_op({"op": "unflatten", "dim": 0, "sizes": [-1, -1]})
+
+
+def test_concat_is_a_rule_not_an_op_and_templates_must_name_real_groups() -> None:
+    with pytest.raises(InvalidAdapter, match="write a 'concat' rule"):
+        parse_adapter(
+            {"name": "a", "rules": [{"type": "op", "key": "x", "op": {"op": "concat", "dim": 0}}]}
+        )
+    with pytest.raises(InvalidAdapter, match="group 3"):
+        parse_adapter(
+            {"name": "a", "rules": [{"type": "split", "source": QKV, "targets": [r"a.\3", "b"]}]}
+        )
+
+
+def test_a_recipe_signature_must_name_a_layout() -> None:
+    broad = {
+        "name": "builtin-everything", "version": 1, "description": "matches any model",
+        "signature": {"source": {"present": [r".*\.weight"]}, "target": {"present": [".*"]}},
+        "rules": [{"type": "rename", "pattern": "(.*)", "replacement": r"x.\1"}],
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="too broad"):
+        parse_recipe(broad)
+
+
+def test_recipes_match_only_their_layouts() -> None:
+    by_name = {r.name: r for r in builtin_recipes()}
+    gpt2 = by_name["builtin-gpt2-conv1d-linear"].signature
+    conv1d = spec(
+        {
+            "transformer.h.0.attn.c_attn.weight": ((8, 24), "F32"),
+            "transformer.h.0.mlp.c_fc.weight": ((8, 32), "F32"),
+        }
+    )
+    linear = spec(
+        {
+            "transformer.h.0.attn.c_attn.weight": ((24, 8), "F32"),
+            "transformer.h.0.mlp.c_fc.weight": ((32, 8), "F32"),
+        }
+    )
+    assert gpt2.matches(conv1d, linear) and gpt2.matches(linear, conv1d)
+    assert not gpt2.matches(conv1d, conv1d) and not gpt2.matches(linear, linear)
+    assert not gpt2.matches(conv1d, FUSED)
