@@ -21,7 +21,7 @@ from service.core.adapters import AdapterSpec, parse_adapter
 from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
 from service.core.repo_files import FileEntry, files_digest
 from service.core.safetensors_format import Limits, parse_header
-from service.errors import Conflict, InvalidRequest, NotFound, TooLarge
+from service.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, TooLarge
 from service.ingest import Ingested, check_stored, describe, ingest
 from service.settings import Settings
 from service.storage import repositories as repo
@@ -485,6 +485,11 @@ def register_adapter(*, session: Session, data: dict[str, Any], actor: str) -> A
     """Validate an adapter (never code: JSON rules) and store it as the name's next version."""
     spec = parse_adapter(data)
     validate_segment(spec.name, what="adapter name")
+    if spec.name.startswith("builtin"):
+        raise InvalidAdapter(
+            f"adapter name '{spec.name}': names starting with 'builtin' are the built-in "
+            "recipes' (GET /v1/adapters/builtin lists them); choose another"
+        )
     scope_model = str(ModelName.parse(spec.scope.model)) if spec.scope.model else None
     previous = repo.adapter_versions(session, spec.name)
     adapter = Adapter(

@@ -61,6 +61,7 @@ POLICY_KEYS = (
     "allow_structural",
     "allow_ops",
     "adapters",
+    "builtin",
 )
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 CHUNK = 1024 * 1024
@@ -570,6 +571,11 @@ class Client:
             InvalidAdapter (``detail["errors"]`` lists every problem), ConnectionFailed.
         """
         return self._json("POST", "/v1/adapters", json=adapter, retry=False)
+
+    def builtin_recipes(self) -> list[dict[str, Any]]:
+        """The server's built-in recipes (name, version, description, layout signature,
+        rules): conversions that apply by themselves where their signature matches."""
+        return self._json("GET", "/v1/adapters/builtin")  # type: ignore[no-any-return]
 
     def adapters(self) -> list[dict[str, Any]]:
         """The newest version of every registered adapter.

@@ -69,6 +69,16 @@ class PlanEntry:
     ops: list[dict[str, Any]]
     evidence: dict[str, Any] | None = None
     tied_to: str | None = None
+    # Every checkpoint key the entry reads when it joins several (a concat, a stack).
+    sources: list[str] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlanEntry:
+        # Fields a newer server adds are left out, not an error (a plan is read-only here).
+        return cls(**{k: v for k, v in data.items() if k in _ENTRY_FIELDS})
+
+
+_ENTRY_FIELDS = frozenset(PlanEntry.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class Plan:
     def from_json(cls, data: dict[str, Any], plan_id: str = "") -> Plan:
         return cls(
             verdict=data["verdict"],
-            entries=[PlanEntry(**e) for e in data["entries"]],
+            entries=[PlanEntry.from_json(e) for e in data["entries"]],
             coverage=data["coverage"],
             unused=data["unused"],
             dropped=data.get("dropped", []),

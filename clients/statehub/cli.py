@@ -839,14 +839,22 @@ def alias(ctx: click.Context, name: str, alias: str, version: int) -> None:
 
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.option(
+    "--builtin", is_flag=True, help="List the built-in recipes (they apply by themselves)."
+)
 @click.pass_context
-def adapters(ctx: click.Context, as_json: bool) -> None:
+def adapters(ctx: click.Context, as_json: bool, builtin: bool) -> None:
     """List registered adapters (`adapters add FILE.json` registers one)."""
     if ctx.invoked_subcommand is not None:
         return
-    items = _settings(ctx).client().adapters()
+    client = _settings(ctx).client()
+    items = client.builtin_recipes() if builtin else client.adapters()
     if as_json:
         _echo_json(items)
+        return
+    if builtin:
+        rows = [[r["name"], r["version"], len(r["rules"]), r["description"][:70]] for r in items]
+        click.echo(_table(["NAME", "VERSION", "RULES", "DESCRIPTION"], rows))
         return
     if not items:
         click.echo("no adapters", err=True)

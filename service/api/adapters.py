@@ -14,6 +14,7 @@ from service import registry
 from service.api.bodies import AuthFirstRoute
 from service.api.deps import PrincipalDep, SessionDep
 from service.api.schemas import AdapterOut
+from service.recipes import builtin_recipes
 from service.storage import repositories as repo
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=AuthFirstRoute)
@@ -34,6 +35,14 @@ def register_adapter(
 def list_adapters(session: SessionDep, principal: PrincipalDep) -> list[AdapterOut]:
     """The newest version of every adapter."""
     return [AdapterOut.of(a) for a in repo.latest_adapters(session)]
+
+
+@router.get("/builtin")
+def list_builtin_recipes(principal: PrincipalDep) -> list[dict[str, Any]]:
+    """The built-in recipes: adapter rules that apply by themselves where their layout
+    signature matches the checkpoint and the model (policy ``builtin: false`` turns them
+    off; ``adapters: [name]`` applies one by name)."""
+    return [recipe.to_json() for recipe in builtin_recipes()]
 
 
 @router.get("/{name}", response_model=list[AdapterOut])

@@ -62,6 +62,8 @@ class PolicyIn(BaseModel):
     on_missing: Literal["keep", "error"] = "keep"
     allow_ops: list[Literal[ALL_OPS]] | None = None  # type: ignore[valid-type]
     adapters: list[str] = Field(default_factory=list, max_length=32)
+    # Built-in recipes apply where their layout signature matches; false turns them off.
+    builtin: bool = True
 
     def to_policy(self) -> Policy:
         return Policy(
@@ -72,6 +74,7 @@ class PolicyIn(BaseModel):
             on_missing=self.on_missing,
             allow_ops=tuple(sorted(set(self.allow_ops))) if self.allow_ops is not None else ALL_OPS,
             adapters=tuple(sorted(set(self.adapters))),
+            builtin=self.builtin,
         )
 
 

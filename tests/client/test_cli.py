@@ -156,6 +156,21 @@ def test_adapters_add_and_list(server: ServerProcess, ns: str, tmp_path: Path) -
     bad = cli(server, "adapters", "add", str(adapter))
     assert bad.exit_code == 1 and "[invalid_adapter]" in bad.stderr
 
+    adapter.write_text(
+        json.dumps({"name": "builtin-mine", "rules": [{"type": "drop", "pattern": "x"}]})
+    )
+    reserved = cli(server, "adapters", "add", str(adapter))
+    assert reserved.exit_code == 1 and "[invalid_adapter]" in reserved.stderr
+    assert "built-in recipes" in reserved.stderr
+
+
+def test_adapters_builtin_lists_the_recipes(server: ServerProcess) -> None:
+    listed = cli(server, "adapters", "--builtin")
+    names = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
+    assert listed.exit_code == 0 and "builtin-vit-timm-to-transformers" in names
+    recipes = json.loads(cli(server, "adapters", "--builtin", "--json").stdout)
+    assert sorted(r["name"] for r in recipes) == sorted(names)
+
 
 # -- plan and the CI gate ---------------------------------------------------------------
 
