@@ -575,7 +575,7 @@ class Client:
     def builtin_recipes(self) -> list[dict[str, Any]]:
         """The server's built-in recipes (name, version, description, layout signature,
         rules): conversions that apply by themselves where their signature matches."""
-        return self._json("GET", "/v1/adapters/builtin")  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/adapters/builtin")
 
     def adapters(self) -> list[dict[str, Any]]:
         """The newest version of every registered adapter.
