@@ -369,7 +369,48 @@ def _expand(regex: Any, templates: Sequence[list[_Piece]], key: str) -> list[str
     ]
 
 
-class SplitRule(_Frozen):
+class _DeriveBase(_Frozen):
+    """What split and concat/stack rules share: a pattern, key templates over its groups,
+    a dimension and the ops that follow."""
+
+    dim: int = Field(default=0, ge=0, lt=64)
+    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _valid_ops(cls, ops: Any) -> list[dict[str, Any]]:
+        return _valid_chain(ops if isinstance(ops, list) else [ops])
+
+    @property
+    def pattern(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def _check_keys(self) -> None:
+        compile_pattern(self.pattern)
+        for template in self.keys:
+            parse_template(template)
+        _check_templates(self.keys, self.regex, self.pattern)
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"a {getattr(self, 'type', 'rule')} names one key twice")
+
+    @cached_property
+    def regex(self) -> Any:
+        return compile_pattern(self.pattern)
+
+    @cached_property
+    def templates(self) -> list[list[_Piece]]:
+        return [parse_template(t) for t in self.keys]
+
+    def expand(self, key: str) -> list[str] | None:
+        """The keys the templates name for ``key``, or None when the pattern does not match."""
+        return _expand(self.regex, self.templates, key)
+
+
+class SplitRule(_DeriveBase):
     """One checkpoint tensor -> several target tensors, cut along ``dim`` (a fused qkv)."""
 
     type: Literal["split"]
@@ -377,50 +418,29 @@ class SplitRule(_Frozen):
     targets: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
         min_length=2, max_length=MAX_PIECES
     )
-    dim: int = Field(default=0, ge=0, lt=64)
     # Sizes of the pieces along ``dim``; None: each target's own size along ``dim``.
     sizes: list[Annotated[int, Field(ge=0)]] | None = None
-    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
-
-    @field_validator("source")
-    @classmethod
-    def _valid_regex(cls, pattern: str) -> str:
-        compile_pattern(pattern)
-        return pattern
-
-    @field_validator("ops", mode="before")
-    @classmethod
-    def _valid_ops(cls, ops: Any) -> list[dict[str, Any]]:
-        return _valid_chain(ops if isinstance(ops, list) else [ops])
 
     @model_validator(mode="after")
     def _consistent(self) -> SplitRule:
-        for template in self.targets:
-            parse_template(template)
-        _check_templates(self.targets, self.regex, self.source)
+        self._check_keys()
         if self.sizes is not None and len(self.sizes) != len(self.targets):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.targets)} targets")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("a split names one target twice")
         return self
 
-    @cached_property
-    def regex(self) -> Any:
-        return compile_pattern(self.source)
+    @property
+    def pattern(self) -> str:
+        return self.source
 
-    @cached_property
-    def templates(self) -> list[list[_Piece]]:
-        return [parse_template(t) for t in self.targets]
-
-    def targets_for(self, source_key: str) -> list[str] | None:
-        """The target keys this rule cuts ``source_key`` into, or None when it does not match."""
-        return _expand(self.regex, self.templates, source_key)
+    @property
+    def keys(self) -> list[str]:
+        return self.targets
 
     def describe(self) -> str:
         return f"split '{self.source}' along dim {self.dim} into {len(self.targets)}"
 
 
-class CombineRule(_Frozen):
+class CombineRule(_DeriveBase):
     """Several checkpoint tensors -> one target tensor: ``concat`` along ``dim`` (q, k, v into
     a fused qkv), or ``stack`` on a new ``dim`` (per-expert weights into one)."""
 
@@ -429,40 +449,19 @@ class CombineRule(_Frozen):
     sources: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
         min_length=2, max_length=MAX_PIECES
     )
-    dim: int = Field(default=0, ge=0, lt=64)
-    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
-
-    @field_validator("target")
-    @classmethod
-    def _valid_regex(cls, pattern: str) -> str:
-        compile_pattern(pattern)
-        return pattern
-
-    @field_validator("ops", mode="before")
-    @classmethod
-    def _valid_ops(cls, ops: Any) -> list[dict[str, Any]]:
-        return _valid_chain(ops if isinstance(ops, list) else [ops])
 
     @model_validator(mode="after")
     def _consistent(self) -> CombineRule:
-        for template in self.sources:
-            parse_template(template)
-        _check_templates(self.sources, self.regex, self.target)
-        if len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"a {self.type} names one source twice")
+        self._check_keys()
         return self
 
-    @cached_property
-    def regex(self) -> Any:
-        return compile_pattern(self.target)
+    @property
+    def pattern(self) -> str:
+        return self.target
 
-    @cached_property
-    def templates(self) -> list[list[_Piece]]:
-        return [parse_template(t) for t in self.sources]
-
-    def sources_for(self, target_key: str) -> list[str] | None:
-        """The checkpoint keys this rule joins into ``target_key``, or None (no match)."""
-        return _expand(self.regex, self.templates, target_key)
+    @property
+    def keys(self) -> list[str]:
+        return self.sources
 
     def describe(self) -> str:
         return f"{self.type} {len(self.sources)} into '{self.target}' along dim {self.dim}"

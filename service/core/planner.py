@@ -417,7 +417,7 @@ class _Planner:
         applied = False
         for name in [*self.pool, *self.consumed]:
             self.budget.charge(len(name))
-            targets = rule.targets_for(name)
+            targets = rule.expand(name)
             if targets is None:
                 continue
             if name in self.consumed:  # an earlier rule took it already
@@ -473,7 +473,7 @@ class _Planner:
         applied = False
         for key in list(self.open):
             self.budget.charge(len(key))
-            names = rule.sources_for(key)
+            names = rule.expand(key)
             if names is None:
                 continue
             for name in names:
@@ -514,17 +514,12 @@ class _Planner:
             problem = str(exc)
         names = [s.stored for s in sources]
         evidence = {"checkpoint_keys": [s.original for s in sources]}
-        if problem is not None:
-            self.reasons.append(
-                f"'{key}' {_shape_text(target.shape)}: {label} on {_names(names)}: {problem}"
-            )
-            self.keep(key, stage="adapter", rule=label, evidence=evidence)
-        elif forbidden := self.forbidden(ops):
-            self.reasons.append(
-                f"'{key}' needs {', '.join(forbidden)} ({label}), which the policy does not allow"
-            )
-            self.keep(key, stage="adapter", rule=label, evidence=evidence)
-        elif len(sources) == 1:
+        reason = problem and (
+            f"'{key}' {_shape_text(target.shape)}: {label} on {_names(names)}: {problem}"
+        )
+        if self.refused(key, reason, ops, label, label, evidence):
+            return
+        if len(sources) == 1:
             self.load(key, sources[0], stage="adapter", rule=label, ops=ops)
         else:
             history = "; ".join(n for s in sources for n in s.renames)
@@ -557,6 +552,27 @@ class _Planner:
         ]
         self.pool = pool
 
+    def refused(
+        self,
+        key: str,
+        reason: str | None,
+        ops: Sequence[Op],
+        labels: str,
+        rule: str,
+        evidence: dict[str, Any] | None,
+    ) -> bool:
+        """Adapter ops that cannot apply (``reason``) or that the policy forbids: the model
+        keeps its own value and the plan says why. False when the ops may go ahead."""
+        if reason is None and (forbidden := self.forbidden(ops)):
+            reason = (
+                f"'{key}' needs {', '.join(forbidden)} ({labels}), which the policy does not allow"
+            )
+        if reason is None:
+            return False
+        self.reasons.append(reason)
+        self.keep(key, stage="adapter", rule=rule, evidence=evidence)
+        return True
+
     def attach_adapter_ops(self, key: str, ops_and_labels: list[tuple[Op, str]]) -> bool:
         """Entry for a target key that adapter op rules name. False when the rules have
         nothing to act on (no checkpoint key of that name, and the chain needs an input)."""
@@ -576,18 +592,13 @@ class _Planner:
         self.take(key, None if src is None else key)
         evidence = None if src is None else {"checkpoint_key": src.stored}
         rule = labels if src is None else _with_history(src, labels)
-        if problem is not None:
-            self.reasons.append(
-                f"'{key}': adapter ops give {problem} from {_shape_text(shape)}, "
-                f"the model expects {_shape_text(target.shape)} ({labels})"
-            )
-            self.keep(key, stage="adapter", rule=rule, evidence=evidence)
-        elif forbidden := self.forbidden(ops):
-            self.reasons.append(
-                f"'{key}' needs {', '.join(forbidden)} ({labels}), which the policy does not allow"
-            )
-            self.keep(key, stage="adapter", rule=rule, evidence=evidence)
-        elif src is None:
+        reason = problem and (
+            f"'{key}': adapter ops give {problem} from {_shape_text(shape)}, "
+            f"the model expects {_shape_text(target.shape)} ({labels})"
+        )
+        if self.refused(key, reason, ops, labels, rule, evidence):
+            return True
+        if src is None:
             self.entries[key] = Entry(key, None, "fill", "adapter", labels, ops)
         else:
             self.load(key, src, stage="adapter", rule=labels, ops=ops)
