@@ -87,3 +87,19 @@ def test_client_and_server_find_weights_at_the_same_place(
             server_origin = None
         _, client_origin = client.extract_state_dict(_build(layout, "client"), ema=ema)
         assert (server_origin, client_origin) == (expected, expected), f"ema={ema}"
+
+
+def test_the_client_knows_every_policy_option_the_server_takes() -> None:
+    from service.api.schemas import PolicyIn
+    from statehub._client import POLICY_KEYS
+
+    assert sorted(POLICY_KEYS) == sorted(PolicyIn.model_fields)
+
+
+def test_the_client_reads_every_field_of_a_plan_entry() -> None:
+    from service.core.plan import Entry
+    from statehub._models import PlanEntry
+
+    entry = Entry("t", "s", "transform", "adapter", "r", [], {"e": 1}, "u", ["s", "x"])
+    assert PlanEntry.from_json(entry.to_json()).sources == ["s", "x"]
+    assert set(entry.to_json()) <= set(PlanEntry.__dataclass_fields__)
