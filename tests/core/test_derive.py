@@ -163,3 +163,15 @@ def test_recipes_match_only_their_layouts() -> None:
     assert gpt2.matches(conv1d, linear) and gpt2.matches(linear, conv1d)
     assert not gpt2.matches(conv1d, conv1d) and not gpt2.matches(linear, linear)
     assert not gpt2.matches(conv1d, FUSED)
+
+
+def test_the_readme_adapter_example_is_a_valid_adapter() -> None:
+    import json
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in readme.split("```json")[1:] if '"fused-qkv"' in b)
+    spec = parse_adapter(json.loads(block.split("```")[0]))
+    split, concat = spec.derive_rules
+    assert split[1].expand("blocks.3.attn.qkv.bias") == [f"layers.3.{n}.bias" for n in "qkv"]
+    assert concat[1].expand("layers.2.kv.weight") == ["enc.2.k.weight", "enc.2.v.weight"]
