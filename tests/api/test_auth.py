@@ -341,6 +341,7 @@ ENDPOINTS = [
         "POST", "/v1/search/compatible", "any", send("POST", "/v1/search/compatible", json=FIT)
     ),
     Endpoint("GET", "/v1/adapters", "any", send("GET", "/v1/adapters")),
+    Endpoint("GET", "/v1/adapters/builtin", "any", send("GET", "/v1/adapters/builtin")),
     Endpoint(
         "GET",
         "/v1/adapters/{name}",
