@@ -9,6 +9,7 @@ centrally, in ``service.app``. Nothing else in the server turns exceptions into 
     │   ├── InvalidRef                 422  invalid_ref
     │   ├── InvalidSpec                422  invalid_spec
     │   ├── InvalidAdapter             422  invalid_adapter
+    │   ├── RecipeParamsMissing        422  recipe_params_missing
     │   └── InvalidCheckpoint          422  invalid_checkpoint
     │       └── UnsafePickle           422  unsafe_pickle
     ├── NotFound (LookupError)         404  not_found
@@ -67,6 +68,13 @@ class InvalidSpec(InvalidRequest):
 
 class InvalidAdapter(InvalidRequest):
     code = "invalid_adapter"
+
+
+class RecipeParamsMissing(InvalidRequest):
+    """A built-in recipe matches, but needs a model fact (``head_dim``) that neither the
+    policy's ``params`` nor the version's config files give (``detail['missing']``)."""
+
+    code = "recipe_params_missing"
 
 
 class InvalidCheckpoint(InvalidRequest):

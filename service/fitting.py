@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import mmap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ from service.core.layout import HeaderBytes, Segment, StoredRange, Transformed, 
 from service.core.names import ModelName, VersionRef
 from service.core.plan import Plan, Policy
 from service.core.planner import plan as make_plan
-from service.core.recipes import matching_recipes
+from service.core.recipes import matching_recipes, params_from_config
 from service.core.safetensors_format import build_header
 from service.core.spec import DTYPE_SIZES, ArchSpec, TensorSpec
 from service.errors import (
@@ -39,6 +39,7 @@ from service.errors import (
     InvalidAdapter,
     InvalidRequest,
     RangeNotSatisfiable,
+    RecipeParamsMissing,
     StorageError,
     TooLarge,
 )
@@ -73,12 +74,45 @@ def source_spec(version: Version) -> ArchSpec:
     return ArchSpec.from_json(version.spec)
 
 
+# The config files a version may carry that tell recipes the model's facts (head_dim), in
+# the order they are read; bigger ones are not configs.
+CONFIG_FILES = ("config.json", "params.json")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def version_params(session: Session, blobs: BlobStore | None, version: Version) -> dict[str, int]:
+    """What the version's ``config.json`` (transformers) or ``params.json`` (Meta) says
+    about the model, for recipes that need it; {} without files (or a store to read)."""
+    if blobs is None:
+        return {}
+    files = {f.path: f for f in repo.version_files(session, version)}
+    found: dict[str, int] = {}
+    for path in CONFIG_FILES:
+        entry = files.get(path)
+        if entry is None or entry.size > MAX_CONFIG_BYTES:
+            continue
+        try:
+            config = json.loads(blobs.read_range(entry.sha256, 0, entry.size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not a config statehub can read: the policy must say
+        if isinstance(config, dict):
+            found = params_from_config(config) | found
+    return found
+
+
 def applicable_adapters(
-    session: Session, *, model: str, source: ArchSpec, target: ArchSpec, policy: Policy
+    session: Session,
+    *,
+    model: str,
+    source: ArchSpec,
+    target: ArchSpec,
+    policy: Policy,
+    version_facts: Callable[[], Mapping[str, int]] = dict,
 ) -> list[tuple[dict[str, Any], AdapterSpec]]:
     """Adapters whose scope matches, plus unscoped ones the policy names explicitly, and
     the built-in recipes whose layout signature matches (unless the policy turns them
-    off) or that the policy names."""
+    off) or that the policy names. A recipe that needs model facts takes them from the
+    policy's ``params``, else from ``version_facts()`` (read only then)."""
     chosen = []
     latest = repo.latest_adapters(session)
     recipes = builtin_recipes()
@@ -101,9 +135,18 @@ def applicable_adapters(
             chosen.append(
                 ({"name": adapter.name, "version": adapter.version}, adapter_spec(adapter))
             )
+    facts: dict[str, int] | None = None
     for recipe in matching_recipes(recipes, source, target, policy.adapters):
-        if policy.builtin or recipe.name in policy.adapters:
+        if not (policy.builtin or recipe.name in policy.adapters):
+            continue
+        if not recipe.params:
             chosen.append((recipe.meta, recipe.adapter))
+            continue
+        if facts is None:
+            facts = dict(version_facts()) | dict(policy.params)
+        used = {p: facts[p] for p in recipe.params if p in facts}
+        # The plan records the facts the recipe was filled with, beside its name and version.
+        chosen.append((recipe.meta | {"params": used}, recipe.adapter_for(facts)))
     return chosen
 
 
@@ -122,11 +165,18 @@ def plan_for(
     target: ArchSpec,
     policy: Policy,
     limits: AdapterLimits = AdapterLimits(),
+    blobs: BlobStore | None = None,
 ) -> Plan:
+    """The plan; ``blobs`` lets recipes read model facts from the version's config files."""
     source = source_spec(version)
     model = f"{version.model.namespace}/{version.model.name}"
     adapters = applicable_adapters(
-        session, model=model, source=source, target=target, policy=policy
+        session,
+        model=model,
+        source=source,
+        target=target,
+        policy=policy,
+        version_facts=lambda: version_params(session, blobs, version),
     )
     plan = make_plan(source, target, policy=policy, adapters=adapters, limits=limits)
     metrics.PLAN_VERDICTS.inc(plan.verdict)
@@ -141,9 +191,12 @@ def plan_version(
     target: ArchSpec,
     policy: Policy,
     settings: Settings | None = None,
+    blobs: BlobStore | None = None,
 ) -> tuple[Version, Plan]:
     version = repo.resolve_version(session, repo.get_model(session, name), ref)
-    return version, plan_for(session, version, target, policy, adapter_limits(settings))
+    return version, plan_for(
+        session, version, target, policy, adapter_limits(settings), blobs=blobs
+    )
 
 
 # -- fetch ------------------------------------------------------------------------------
@@ -599,6 +652,7 @@ def prepare_fetch(
         target=request.target,
         policy=request.policy,
         settings=settings,
+        blobs=blobs,
     )
     if plan.verdict == "incompatible":
         raise Incompatible(
@@ -661,7 +715,9 @@ def search_compatible(
     for version in candidates:
         try:
             plan = plan_for(session, version, target, policy, limits)
-        except InvalidAdapter as exc:
+        except (InvalidAdapter, RecipeParamsMissing) as exc:
+            # A recipe's model facts come from the policy here (no config file is read
+            # for each candidate); the version's own plan reads them.
             log.info("search: version %s left out: %s", version.id, exc.message)
             continue
         if plan.verdict != "incompatible":

@@ -8,6 +8,7 @@ sides) and error codes (tests/client/test_client.py, one client class per server
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from service import ingest
 from service.core import ops, planner, snapshot, spec
+from service.core.recipes import params_from_config
 from service.core.snapshot import extract_weights
 from service.core.unpickle import DTYPES, StorageRef, TensorRef
 from service.errors import InvalidCheckpoint
@@ -103,3 +105,30 @@ def test_the_client_reads_every_field_of_a_plan_entry() -> None:
     entry = Entry("t", "s", "transform", "adapter", "r", [], {"e": 1}, "u", ["s", "x"])
     assert PlanEntry.from_json(entry.to_json()).sources == ["s", "x"]
     assert set(entry.to_json()) <= set(PlanEntry.__dataclass_fields__)
+
+
+class _Config:
+    """A transformers config as the client sees one: ``to_dict()``."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.values
+
+
+MODEL_CONFIGS = [
+    {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8},  # Llama 3
+    {"hidden_size": 2560, "num_attention_heads": 32, "head_dim": 128},  # head_dim given (Qwen3)
+    {"dim": 4096, "n_heads": 32, "n_kv_heads": 8},  # Meta's params.json
+    {"hidden_size": 100, "num_attention_heads": 3},  # does not divide: no fact
+    {"hidden_size": True, "num_attention_heads": 1, "head_dim": 0},  # not facts
+    {"n_embd": 768, "n_head": 12},  # GPT-2's names: not read
+]
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS)
+def test_model_facts_read_as_the_server_reads_a_config_json(config: dict[str, Any]) -> None:
+    """The client's facts from a target's config are the server's from a version's file."""
+    target = SimpleNamespace(config=_Config(config))
+    assert client.model_facts(target) == params_from_config(config)

@@ -44,6 +44,7 @@ from statehub._tensors import (
     TensorSink,
     dedupe_tied,
     iter_safetensors,
+    model_facts,
     no_values_error,
     read_into,
     safetensors_header,
@@ -62,6 +63,7 @@ POLICY_KEYS = (
     "allow_ops",
     "adapters",
     "builtin",
+    "params",
 )
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 CHUNK = 1024 * 1024
@@ -94,7 +96,9 @@ def split_ref(ref: str) -> tuple[str, str]:
     return model, version
 
 
-def _policy(options: Mapping[str, Any]) -> dict[str, Any]:
+def _policy(options: Mapping[str, Any], target: Any = None) -> dict[str, Any]:
+    """The policy JSON; a transformers target's config adds the model facts recipes need
+    (``params``, e.g. ``head_dim``) that the options do not give."""
     unknown = set(options) - set(POLICY_KEYS)
     if unknown:
         raise TypeError(f"unknown policy option(s) {sorted(unknown)}; use {list(POLICY_KEYS)}")
@@ -102,6 +106,9 @@ def _policy(options: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("allow_ops", "adapters"):
         if key in policy and policy[key] is not None:
             policy[key] = list(policy[key])
+    facts = model_facts(target) | dict(policy.get("params") or {})
+    if facts:
+        policy["params"] = facts
     return policy
 
 
@@ -657,7 +664,9 @@ class Client:
             target: an ``nn.Module``, a state_dict, a spec dict, or a path to a checkpoint
                 or spec JSON file. Only its spec is sent.
             **policy: ``strict``, ``head``, ``embedding``, ``on_missing``,
-                ``allow_structural``, ``allow_ops``, ``adapters``.
+                ``allow_structural``, ``allow_ops``, ``adapters``, ``builtin`` (False turns
+                the built-in recipes off), ``params`` (model facts a recipe needs, such as
+                ``{"head_dim": 128}``; a transformers model's config gives them itself).
 
         Returns:
             The :class:`Plan`; ``incompatible`` is a verdict here, not an error.
@@ -671,7 +680,7 @@ class Client:
             ('partial', ['fc.weight', 'fc.bias'])
         """
         model, version = split_ref(ref)
-        body = {"target": spec_of(target), "policy": _policy(policy)}
+        body = {"target": spec_of(target), "policy": _policy(policy, target)}
         data = self._json("POST", f"/v1/models/{model}/versions/{version}/plan", json=body)
         return Plan.from_json(data["plan"], data["plan_id"])
 
@@ -710,7 +719,7 @@ class Client:
         Raises:
             InvalidSpec, ConnectionFailed.
         """
-        body = {"target": spec_of(target), "policy": _policy(policy), "limit": limit}
+        body = {"target": spec_of(target), "policy": _policy(policy, target), "limit": limit}
         return self._json("POST", "/v1/search/compatible", json=body)
 
     def fetch(
@@ -776,7 +785,7 @@ class Client:
         elif assign:
             raise TypeError("assign=True loads into the target: pass load=True as well")
         model, version = split_ref(ref)
-        body = {"target": spec_of(target), "policy": _policy(policy)}
+        body = {"target": spec_of(target), "policy": _policy(policy, target)}
         key = Cache.key("fetch", self.url, model, version, body)
         valueless = valueless_keys(target)
         plan_first = None
@@ -860,7 +869,7 @@ class Client:
             key = Cache.key("pull", self.url, model, version)
             stream = self._open_body(key, "pull", ref, "GET", f"{base}/blob", None)
         else:
-            body = {"target": spec_of(target), "policy": _policy(policy)}
+            body = {"target": spec_of(target), "policy": _policy(policy, target)}
             key = Cache.key("fetch", self.url, model, version, body)
             stream = self._open_body(key, "fetch", ref, "POST", f"{base}/fetch", body)
         return _download(stream, Path(path), progress, verify_digest=target is None)

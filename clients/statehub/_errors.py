@@ -57,6 +57,13 @@ class InvalidAdapter(InvalidRequest):
     code = "invalid_adapter"
 
 
+class RecipeParamsMissing(InvalidRequest):
+    """A built-in recipe matches but needs a model fact (``detail['missing']``, e.g.
+    ``head_dim``): pass ``params={"head_dim": N}``, or push the config.json with the weights."""
+
+    code = "recipe_params_missing"
+
+
 class InvalidCheckpoint(InvalidRequest):
     code = "invalid_checkpoint"
 
@@ -151,6 +158,7 @@ _BY_CODE: dict[str, type[StatehubError]] = {
         InvalidRef,
         InvalidSpec,
         InvalidAdapter,
+        RecipeParamsMissing,
         InvalidCheckpoint,
         UnsafePickle,
         NotFound,

@@ -617,3 +617,30 @@ def no_values_error(keys: list[str]) -> StatehubError:
         "built off meta)",
         detail={"keep_target": keys},
     )
+
+
+def model_facts(target: Any) -> dict[str, int]:
+    """What a transformers model's config says that recipes need and shapes do not tell
+    (``head_dim``), read as the server reads a version's ``config.json``
+    (``service.core.recipes.params_from_config``; tests/test_parity.py holds them together).
+    {} for any other target."""
+    to_dict = getattr(getattr(target, "config", None), "to_dict", None)
+    if not callable(to_dict):
+        return {}
+    config = to_dict()
+    if not isinstance(config, Mapping):
+        return {}
+
+    def number(key: str) -> int | None:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return value if value > 0 else None
+
+    if head_dim := number("head_dim"):
+        return {"head_dim": head_dim}
+    for width, heads in (("hidden_size", "num_attention_heads"), ("dim", "n_heads")):
+        w, h = number(width), number(heads)
+        if w and h and w % h == 0:
+            return {"head_dim": w // h}
+    return {}

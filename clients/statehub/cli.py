@@ -236,7 +236,21 @@ POLICY_PARAMS = (
     "no_structural",
     "allow_op",
     "adapter",
+    "no_builtin",
+    "param",
 )
+
+
+def _parse_params(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, int]:
+    params: dict[str, int] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        if not sep or not name or not number.isdigit():
+            raise click.BadParameter(f"{value!r} is not NAME=N (e.g. head_dim=128)")
+        params[name] = int(number)
+    return params
 
 
 def policy_options(func: F) -> F:
@@ -266,10 +280,27 @@ def policy_options(func: F) -> F:
             multiple=True,
             metavar="OP",
             help="Only these ops may be used (repeatable): adapt_in_channels, slice, pad, "
-            "resample_pos_embed, cast, fill, reshape, transpose.",
+            "resample_pos_embed, cast, fill, reshape, transpose, unflatten, flatten, concat, "
+            "stack.",
         ),
         click.option(
-            "--adapter", multiple=True, metavar="NAME", help="Apply this adapter (repeatable)."
+            "--adapter",
+            multiple=True,
+            metavar="NAME",
+            help="Apply this adapter or built-in recipe (repeatable).",
+        ),
+        click.option(
+            "--no-builtin",
+            is_flag=True,
+            help="Do not apply built-in recipes by themselves (statehub adapters --builtin).",
+        ),
+        click.option(
+            "--param",
+            multiple=True,
+            metavar="NAME=N",
+            callback=_parse_params,
+            help="A model fact a recipe needs, e.g. head_dim=128 (repeatable); the version's "
+            "config.json or params.json gives it otherwise.",
         ),
     ]
     for option in reversed(options):
@@ -292,6 +323,10 @@ def _policy(kwargs: dict[str, Any]) -> dict[str, Any]:
         policy["allow_ops"] = list(values["allow_op"])
     if values["adapter"]:
         policy["adapters"] = list(values["adapter"])
+    if values["no_builtin"]:
+        policy["builtin"] = False
+    if values["param"]:
+        policy["params"] = values["param"]
     return policy
 
 

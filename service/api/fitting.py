@@ -41,6 +41,7 @@ def plan(
     ref: VersionRefDep,
     body: FitRequest,
     session: SessionDep,
+    blobs: BlobStoreDep,
     settings: SettingsDep,
     principal: PrincipalDep,
 ) -> PlanOut:
@@ -56,6 +57,7 @@ def plan(
         target=_target(body, settings),
         policy=body.policy.to_policy(),
         settings=settings,
+        blobs=blobs,
     )
     return PlanOut.of(version, result)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.core.jsondata import servable_metadata
 from service.core.plan import ALL_OPS, Plan, Policy
@@ -64,6 +64,11 @@ class PolicyIn(BaseModel):
     adapters: list[str] = Field(default_factory=list, max_length=32)
     # Built-in recipes apply where their layout signature matches; false turns them off.
     builtin: bool = True
+    # Model facts recipes need (``{"head_dim": 128}``), where the version's files lack them.
+    params: dict[
+        Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")],
+        Annotated[int, Field(ge=1, le=1 << 20)],
+    ] = Field(default_factory=dict, max_length=16)
 
     def to_policy(self) -> Policy:
         return Policy(
@@ -75,6 +80,7 @@ class PolicyIn(BaseModel):
             allow_ops=tuple(sorted(set(self.allow_ops))) if self.allow_ops is not None else ALL_OPS,
             adapters=tuple(sorted(set(self.adapters))),
             builtin=self.builtin,
+            params=tuple(sorted(self.params.items())),
         )
 
 

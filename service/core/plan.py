@@ -48,11 +48,15 @@ class Policy:
     adapters: tuple[str, ...] = ()
     # Built-in recipes (service/recipes) apply where their layout signature matches.
     builtin: bool = True
+    # Facts about the model that recipes need and shapes do not tell (``head_dim``), as
+    # sorted (name, value) pairs; they win over what the version's config files say.
+    params: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["allow_ops"] = sorted(self.allow_ops)
         data["adapters"] = list(self.adapters)
+        data["params"] = dict(self.params)
         return data
 
 

@@ -9,19 +9,29 @@ exists in both transformers' and nanoGPT's layouts, and only the relation "the m
 shape is the checkpoint's transposed" tells which conversion is wanted. A signature whose
 patterns would match any model (``.*``) is refused when the recipe is read.
 
+A recipe's op arguments may name a model fact that shapes do not tell (``"{head_dim/2}"``:
+Llama's rotary permutation works per head, and ``q_proj`` ``[heads * head_dim, hidden]``
+does not say how its rows split into heads). The recipe lists the facts it needs in
+``params``; the plan fills them from the policy's ``params``, else from the version's
+``config.json`` (transformers) or ``params.json`` (Meta), and refuses the recipe, naming
+what is missing, when neither has them: a rotary permutation guessed wrong loads strictly
+and gives other outputs.
+
 Pure: the recipes' JSON is read by ``service.recipes``; nothing here does I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.core.adapters import AdapterSpec, Pattern, compile_pattern
+from service.core.adapters import AdapterSpec, Pattern, compile_pattern, parse_adapter
 from service.core.spec import ArchSpec
+from service.errors import RecipeParamsMissing
 
 # A signature pattern must pin a layout: at least this many literal characters (a pattern
 # such as ``.*\.weight`` says nothing about which library wrote the keys).
@@ -108,21 +118,86 @@ class Signature(_Frozen):
         )
 
 
+# The model facts a recipe may ask for, and what each means.
+RECIPE_PARAMS = {
+    "head_dim": "the width of one attention head (transformers' config head_dim, or "
+    "hidden_size / num_attention_heads; Meta's params.json dim / n_heads)",
+}
+# An op argument that names a fact: "{head_dim}" or "{head_dim/2}".
+_PLACEHOLDER = re.compile(r"^\{([a-z_]+)(?:/([1-9][0-9]*))?\}$")
+# Stands in for every fact when a recipe's rules are checked as it is read.
+_PROBE_VALUE = 64
+
+
+def _substitute(value: Any, params: Mapping[str, int], recipe: str) -> Any:
+    if isinstance(value, list):
+        return [_substitute(v, params, recipe) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, params, recipe) for k, v in value.items()}
+    if not isinstance(value, str) or not (m := _PLACEHOLDER.fullmatch(value)):
+        return value
+    name, divisor = m.group(1), int(m.group(2) or 1)
+    if name not in params:
+        return value  # not a fact the recipe lists: the op refuses it as an argument
+    number = params[name]
+    if number % divisor:
+        raise RecipeParamsMissing(
+            f"recipe {recipe} needs {name} divisible by {divisor}, got {number}",
+            detail={"recipe": recipe, "param": name, "value": number},
+        )
+    return number // divisor
+
+
+def params_from_config(config: Mapping[str, Any]) -> dict[str, int]:
+    """The facts a transformers ``config.json`` or a Meta ``params.json`` gives."""
+
+    def number(key: str) -> int | None:
+        value = config.get(key)
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        )
+
+    found: dict[str, int] = {}
+    if head_dim := number("head_dim"):
+        found["head_dim"] = head_dim
+    for width, heads in (("hidden_size", "num_attention_heads"), ("dim", "n_heads")):
+        w, h = number(width), number(heads)
+        if "head_dim" not in found and w and h and w % h == 0:
+            found["head_dim"] = w // h
+    return found
+
+
 class Recipe(_Frozen):
-    """A built-in conversion: adapter rules, the layout signature that scopes them, and
-    where it comes from (the libraries and what was checked)."""
+    """A built-in conversion: adapter rules, the layout signature that scopes them, the
+    model facts its ops need, and where it comes from (the libraries, what was checked)."""
 
     name: str = Field(pattern=r"^builtin-[a-z0-9][a-z0-9.-]*$", max_length=100)
     version: int = Field(ge=1)
     description: str = Field(min_length=1, max_length=2000)
     signature: Signature
+    params: list[Literal[tuple(RECIPE_PARAMS)]] = Field(default_factory=list)  # type: ignore[valid-type]
     rules: list[dict[str, Any]] = Field(min_length=1)
 
     @cached_property
     def adapter(self) -> AdapterSpec:
-        return AdapterSpec.model_validate(
-            {"name": self.name, "description": self.description, "rules": self.rules}
-        )
+        """The rules as an adapter; only for a recipe without params."""
+        return self.adapter_for({})
+
+    def adapter_for(self, params: Mapping[str, int]) -> AdapterSpec:
+        """The rules with the model facts filled in; RecipeParamsMissing names any the
+        recipe needs and ``params`` lacks."""
+        missing = [p for p in self.params if p not in params]
+        if missing:
+            raise RecipeParamsMissing(
+                f"recipe {self.name} matches this checkpoint and model but needs "
+                f"{', '.join(f'{p} ({RECIPE_PARAMS[p]})' for p in missing)}: push the version "
+                "with its config.json or params.json, or give policy params "
+                f"{{{', '.join(f'{p!r}: N' for p in missing)}}}, or turn built-in recipes off "
+                "(policy builtin=false)",
+                detail={"recipe": self.name, "missing": missing},
+            )
+        rules = _substitute(self.rules, {p: params[p] for p in self.params}, self.name)
+        return parse_adapter({"name": self.name, "description": self.description, "rules": rules})
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -135,7 +210,8 @@ class Recipe(_Frozen):
 
 def parse_recipe(data: Any) -> Recipe:
     recipe = Recipe.model_validate(data)
-    recipe.adapter  # noqa: B018 - the rules are validated when the recipe is read
+    # The rules are validated when the recipe is read, with a stand-in for each fact.
+    recipe.adapter_for(dict.fromkeys(recipe.params, _PROBE_VALUE))
     return recipe
 
 

@@ -44,6 +44,7 @@ from service.core.spec import ArchSpec, validate_spec
 from service.errors import Forbidden, InvalidRequest, InvalidSpec, StatehubError, Unauthorized
 from service.settings import Settings
 from service.storage import repositories as repo
+from service.storage.blobs import BlobStore
 from service.storage.models import Model, Version
 from service.ui import views
 
@@ -371,6 +372,7 @@ async def form_fields(request: Request) -> dict[str, str]:
 
 def _plan_context(
     session: Session,
+    blobs: BlobStore,
     *,
     source: Version,
     target: ArchSpec,
@@ -386,6 +388,7 @@ def _plan_context(
         ref=VersionRef(number=source.number),  # the version shown, even if an alias moved
         target=target,
         policy=policy_from(fields),
+        blobs=blobs,
     )
     rows = views.plan_rows(plan, fitting.source_spec(version), target)
     changes_only = _choice(fields, "show", "all") == "changes"
@@ -434,6 +437,7 @@ def plan_page(
     name: ModelNameDep,
     ref: VersionRefDep,
     session: SessionDep,
+    blobs: BlobStoreDep,
     caller: PrincipalDep,
     target: str = Query(default="", max_length=300),
 ) -> HTMLResponse:
@@ -445,6 +449,7 @@ def plan_page(
         target_version = _stored_target(session, caller, target, default=name)
         context |= _plan_context(
             session,
+            blobs,
             source=source,
             target=fitting.source_spec(target_version),
             target_label=_ref_text(target_version),
@@ -459,6 +464,7 @@ def plan_submit(
     name: ModelNameDep,
     ref: VersionRefDep,
     session: SessionDep,
+    blobs: BlobStoreDep,
     settings: SettingsDep,
     caller: PrincipalDep,
     fields: dict[str, str] = Depends(form_fields),
@@ -472,6 +478,7 @@ def plan_submit(
             raise InvalidSpec("paste a spec JSON or choose a file (statehub inspect --spec)")
         context |= _plan_context(
             session,
+            blobs,
             source=source,
             target=parse_spec(text, settings),
             target_label=fields.get("spec_name") or "pasted spec",
@@ -505,6 +512,7 @@ def _ref_text(version: Version) -> str:
 def diff_page(
     request: Request,
     session: SessionDep,
+    blobs: BlobStoreDep,
     caller: PrincipalDep,
     a: str = Query(default="", max_length=300),
     b: str = Query(default="", max_length=300),
@@ -517,6 +525,7 @@ def diff_page(
         spec_a, spec_b = fitting.source_spec(version_a), fitting.source_spec(version_b)
         context |= _plan_context(
             session,
+            blobs,
             source=version_a,
             target=spec_b,
             target_label=_ref_text(version_b),

@@ -1,21 +1,41 @@
 """Built-in recipes (issue 15 item 2), proven by outputs on both backends: a model in one
 library's layout is pushed, fetched into the other library's model with no adapter named,
 loaded strictly, and both give the same outputs on a fixed input. transformers' models are
-the real classes; nanoGPT's and timm's layouts are the faithful ports in tests/_layouts.py
-(timm does not import beside this torch)."""
+the real classes; nanoGPT's, timm's and Meta's layouts are the faithful ports in
+tests/recipes/models.py, checked against the libraries' own conversions in
+tests/recipes/test_reference_models.py (timm does not import beside this torch)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
-from statehub import Client, Incompatible
-from tests._layouts import NanoGPT, TimmViT
+from statehub import Client, Incompatible, RecipeParamsMissing
+from statehub.cli import main
 from tests._models import seeded
+from tests._server import ServerProcess
+from tests.recipes.models import (
+    MetaLlama,
+    MetaLlamaArgs,
+    NanoGPT,
+    NanoGPTConfig,
+    TimmViT,
+    TimmViTConfig,
+)
 
 VOCAB, POSITIONS, EMBD, LAYERS, HEADS = 50, 16, 32, 2, 4
 
@@ -29,9 +49,11 @@ def hf_gpt2() -> nn.Module:
 
 
 def nano_gpt() -> nn.Module:
-    return NanoGPT(
-        vocab_size=VOCAB, block_size=POSITIONS, n_layer=LAYERS, n_head=HEADS, n_embd=EMBD
-    )
+    config = NanoGPTConfig(
+        vocab_size=VOCAB, block_size=POSITIONS, n_layer=LAYERS, n_head=HEADS, n_embd=EMBD,
+        gelu_approximate="tanh",  # GPT-2's gelu_new (nanoGPT's own is the exact GELU)
+    )  # fmt: skip
+    return NanoGPT(config)
 
 
 def hf_vit() -> nn.Module:
@@ -44,9 +66,36 @@ def hf_vit() -> nn.Module:
 
 
 def timm_vit() -> nn.Module:
-    return TimmViT(
-        img_size=16, patch_size=8, num_classes=5, embed_dim=24, depth=2, num_heads=2, mlp_dim=48
-    )
+    config = TimmViTConfig(
+        img_size=16, patch_size=8, num_classes=5, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0
+    )  # fmt: skip
+    return TimmViT(config)
+
+
+# GQA (4 query heads, 2 key/value heads) and head_dim 8: the rotary permutation works per
+# head, so a wrong head_dim would load and give other outputs.
+LLAMA_DIM, LLAMA_HEADS, LLAMA_KV_HEADS, LLAMA_FFN, HEAD_DIM = 32, 4, 2, 48, 8
+
+
+def hf_llama() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=LLAMA_DIM, num_hidden_layers=LAYERS,
+        num_attention_heads=LLAMA_HEADS, num_key_value_heads=LLAMA_KV_HEADS,
+        intermediate_size=LLAMA_FFN, max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+META_PARAMS = {
+    "dim": LLAMA_DIM, "n_layers": LAYERS, "n_heads": LLAMA_HEADS, "n_kv_heads": LLAMA_KV_HEADS,
+    "vocab_size": VOCAB, "norm_eps": 1e-5, "rope_theta": 10000.0,
+}  # fmt: skip
+
+
+def meta_llama() -> nn.Module:
+    return MetaLlama(MetaLlamaArgs(**META_PARAMS, ffn_hidden_dim=LLAMA_FFN, max_seq_len=POSITIONS))
 
 
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +120,13 @@ CASES = {
     "gpt2-nanogpt-to-transformers": (nano_gpt, hf_gpt2, TOKENS, "builtin-gpt2-conv1d-linear"),
     "vit-timm-to-transformers": (timm_vit, hf_vit, IMAGES, "builtin-vit-timm-to-transformers"),
     "vit-transformers-to-timm": (hf_vit, timm_vit, IMAGES, "builtin-vit-transformers-to-timm"),
+    # head_dim from the target: a transformers model's config says it.
+    "llama-meta-to-transformers": (
+        meta_llama,
+        hf_llama,
+        TOKENS,
+        "builtin-llama-meta-to-transformers",
+    ),
 }
 
 
@@ -149,3 +205,114 @@ def test_the_builtin_recipes_are_listed(hub: Client) -> None:
     names = [r["name"] for r in recipes]
     assert {"builtin-gpt2-conv1d-linear", "builtin-vit-timm-to-transformers"} <= set(names)
     assert all(r["signature"]["source"]["present"] and r["rules"] for r in recipes)
+
+
+# -- Llama: the rotary permutation needs head_dim ----------------------------------------
+
+
+def assert_same_outputs(
+    target: nn.Module, state: dict[str, torch.Tensor], source: nn.Module
+) -> None:
+    target.load_state_dict(state, strict=True)
+    torch.testing.assert_close(run(target, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformers_llama_folder_loads_into_metas_layout_with_head_dim_from_its_config(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    """save_pretrained's config.json is in the version: it gives head_dim; the Meta model
+    says nothing about itself."""
+    hf = trained(hf_llama, 1)
+    hf.save_pretrained(tmp_path / "hf")
+    hub.push(f"{ns}/llama", tmp_path / "hf")
+    target = trained(meta_llama, 2)
+    plan = hub.plan(f"{ns}/llama", target=target)
+    assert plan.verdict == "adapted", plan.reasons
+    assert plan.adapters == [
+        {
+            "name": "builtin-llama-transformers-to-meta",
+            "version": 1,
+            "builtin": True,
+            "params": {"head_dim": HEAD_DIM},
+        }
+    ]
+    wq = plan.entry("layers.0.attention.wq.weight")
+    assert wq.source == "model.layers.0.self_attn.q_proj.weight"
+    assert [op["op"] for op in wq.ops] == ["unflatten", "transpose", "flatten"]
+    assert wq.ops[0]["sizes"] == [-1, 2, HEAD_DIM // 2]
+    assert plan.entry("layers.0.attention.wv.weight").ops == []
+    assert_same_outputs(target, hub.fetch(f"{ns}/llama", target=target), hf)
+
+
+def test_a_meta_llama_folder_gives_head_dim_in_its_params_json(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    """Meta's download (consolidated.00.pth + params.json, Llama 2's rope.freqs too) into a
+    target that is only a state_dict: params.json gives head_dim."""
+    meta = trained(meta_llama, 3)
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    weights = dict(meta.state_dict())
+    weights["rope.freqs"] = torch.randn(HEAD_DIM // 2)
+    torch.save(weights, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(META_PARAMS))
+    hub.push(f"{ns}/meta", folder)
+    hf = trained(hf_llama, 4)
+    plan = hub.plan(f"{ns}/meta", target=hf.state_dict())
+    assert plan.verdict == "adapted", plan.reasons
+    assert plan.adapters[0]["params"] == {"head_dim": HEAD_DIM}
+    assert "rope.freqs" in plan.dropped
+    assert_same_outputs(hf, hub.fetch(f"{ns}/meta", target=hf.state_dict()), meta)
+
+
+def test_without_head_dim_the_recipe_refuses_and_says_how_to_give_it(hub: Client, ns: str) -> None:
+    """A transformers model pushed as a module carries no config.json, and a Meta model
+    has no config: nothing says head_dim, so nothing is guessed (a guess loads strictly
+    and gives other outputs). The policy's params give it."""
+    hf = trained(hf_llama, 5)
+    hub.push(f"{ns}/llama", hf)
+    target = trained(meta_llama, 6)
+    with pytest.raises(RecipeParamsMissing) as info:
+        hub.plan(f"{ns}/llama", target=target)
+    assert info.value.detail == {
+        "recipe": "builtin-llama-transformers-to-meta",
+        "missing": ["head_dim"],
+    }
+    assert "params" in info.value.message and "config.json" in info.value.message
+    with pytest.raises(RecipeParamsMissing):
+        hub.fetch(f"{ns}/llama", target=target)
+    # Turning the recipes off is an answer too: then nothing converts the layout.
+    assert hub.plan(f"{ns}/llama", target=target, builtin=False).adapters == []
+    state = hub.fetch(f"{ns}/llama", target=target, params={"head_dim": HEAD_DIM})
+    assert_same_outputs(target, state, hf)
+
+
+def test_a_head_dim_that_does_not_divide_the_rows_is_incompatible(hub: Client, ns: str) -> None:
+    hub.push(f"{ns}/llama", trained(hf_llama, 5))
+    plan = hub.plan(f"{ns}/llama", target=meta_llama(), params={"head_dim": 6})
+    assert plan.verdict == "incompatible"
+    assert any("layers.0.attention.wq.weight" in r for r in plan.reasons), plan.reasons
+
+
+def test_the_cli_gives_model_facts_and_turns_the_recipes_off(
+    hub: Client, server: ServerProcess, ns: str, tmp_path: Path
+) -> None:
+    """``statehub check`` is the CI gate: without head_dim it fails with the code and what
+    to do; ``--param head_dim=8`` passes it; ``--no-builtin`` plans without recipes."""
+    hub.push(f"{ns}/llama", trained(hf_llama, 5))
+    target = tmp_path / "meta.pt"
+    torch.save(meta_llama().state_dict(), target)
+
+    def cli(*args: str) -> Result:
+        return CliRunner().invoke(main, ["--url", server.url, *args], catch_exceptions=False)
+
+    missing = cli("check", f"{ns}/llama", "--target", str(target))
+    assert missing.exit_code == 2 and "[recipe_params_missing]" in missing.stderr
+    assert "head_dim" in missing.stderr
+    given = cli("check", f"{ns}/llama", "--target", str(target), "--param", "head_dim=8")
+    assert given.exit_code == 0, given.output
+    assert "verdict adapted" in given.stdout
+    off = cli("plan", f"{ns}/llama", "--target", str(target), "--no-builtin", "--json")
+    assert off.exit_code == 0 and json.loads(off.stdout)["adapters"] == []
+    bad = cli("plan", f"{ns}/llama", "--target", str(target), "--param", "head_dim")
+    assert bad.exit_code == 2 and "NAME=N" in bad.output

@@ -10,9 +10,9 @@ import torch
 from service.core import ops
 from service.core.adapters import parse_adapter
 from service.core.planner import plan
-from service.core.recipes import parse_recipe
+from service.core.recipes import params_from_config, parse_recipe
 from service.core.spec import ArchSpec
-from service.errors import InvalidAdapter
+from service.errors import InvalidAdapter, RecipeParamsMissing
 from service.recipes import builtin_recipes
 
 QKV = r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)"
@@ -163,6 +163,50 @@ def test_recipes_match_only_their_layouts() -> None:
     assert gpt2.matches(conv1d, linear) and gpt2.matches(linear, conv1d)
     assert not gpt2.matches(conv1d, conv1d) and not gpt2.matches(linear, linear)
     assert not gpt2.matches(conv1d, FUSED)
+
+
+def _recipe_with(params: list[str], sizes: list[object]) -> dict[str, object]:
+    return {
+        "name": "builtin-rotary", "version": 1, "description": "a permutation per head",
+        "signature": {
+            "source": {"present": [r"layers\.0\.attention\.wq\.weight"]},
+            "target": {"present": [r"model\.layers\.0\.q_proj\.weight"]},
+        },
+        "params": params,
+        "rules": [{"type": "op", "key": r"model\.layers\.\d+\.q_proj\.weight",
+                   "op": {"op": "unflatten", "dim": 0, "sizes": sizes}}],
+    }  # fmt: skip
+
+
+def test_a_recipe_fills_the_model_facts_its_ops_name_and_refuses_without_them() -> None:
+    recipe = parse_recipe(_recipe_with(["head_dim"], [-1, "{head_dim/2}", 2]))
+    filled = recipe.adapter_for({"head_dim": 128})
+    assert filled.op_rules[0][1].op["sizes"] == [-1, 64, 2]
+    with pytest.raises(RecipeParamsMissing, match="needs head_dim") as info:
+        recipe.adapter_for({})
+    assert info.value.detail == {"recipe": "builtin-rotary", "missing": ["head_dim"]}
+    with pytest.raises(RecipeParamsMissing, match="divisible by 2"):
+        recipe.adapter_for({"head_dim": 7})
+
+
+def test_a_recipe_may_name_only_known_facts_and_must_list_those_it_uses() -> None:
+    with pytest.raises(ValueError, match="params"):
+        parse_recipe(_recipe_with(["heads"], [-1, "{heads}", 2]))
+    # A placeholder the recipe does not list is no fact: the op refuses it as data.
+    with pytest.raises(InvalidAdapter, match="sizes"):
+        parse_recipe(_recipe_with([], [-1, "{head_dim/2}", 2]))
+
+
+def test_config_files_give_head_dim() -> None:
+    assert params_from_config({"hidden_size": 4096, "num_attention_heads": 32}) == {"head_dim": 128}
+    assert (
+        params_from_config({"hidden_size": 2560, "num_attention_heads": 32, "head_dim": 128})[
+            "head_dim"
+        ]
+        == 128
+    )
+    assert params_from_config({"dim": 4096, "n_heads": 32}) == {"head_dim": 128}
+    assert params_from_config({"hidden_size": 10, "num_attention_heads": 3}) == {}
 
 
 def test_the_readme_adapter_example_is_a_valid_adapter() -> None:
