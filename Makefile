@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# litgpt's real model classes, for the recipe tests (tests/client/test_litgpt.py): a venv of
+# their own, as litgpt pins a huggingface_hub (<1.4) that transformers 5 refuses.
+LITGPT_VENV ?= .venv-litgpt
+LITGPT_STAMP := $(LITGPT_VENV)/.installed
 
-.PHONY: serve test test-fast install lint typecheck pytest migrations-check deploy-check constraints bench
+.PHONY: serve test test-fast install litgpt-env lint typecheck pytest migrations-check deploy-check constraints bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(LITGPT_STAMP):
+	test -x $(LITGPT_VENV)/bin/python || python3 -m venv $(LITGPT_VENV)
+	$(LITGPT_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	echo "torch==2.13.0" > $(LITGPT_VENV)/torch-constraint.txt
+	$(LITGPT_VENV)/bin/python -m pip install -q "litgpt==0.5.13" -c $(LITGPT_VENV)/torch-constraint.txt
+	touch $(LITGPT_STAMP)
+
+litgpt-env: $(LITGPT_STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/statehub serve
@@ -45,8 +58,8 @@ deploy-check: $(STAMP)
 constraints: $(STAMP)
 	$(PY) deploy/constraints.py > deploy/constraints.txt
 
-pytest: $(STAMP)
-	$(VENV)/bin/pytest -q
+pytest: $(STAMP) $(LITGPT_STAMP)
+	STATEHUB_TEST_LITGPT_PYTHON=$(abspath $(LITGPT_VENV))/bin/python $(VENV)/bin/pytest -q
 
 test: lint typecheck migrations-check deploy-check pytest
 
