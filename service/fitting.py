@@ -250,10 +250,21 @@ def layout_fetch(version: Version, plan: Plan, target: ArchSpec, settings: Setti
             begin, end = offsets[entry.source]
             append_stored(segments, version.data_start + begin, version.data_start + end)
             continue
+        stored = [(source[k], version.data_start + offsets[k][0]) for k in entry.inputs]
+        if (pieces := layout_rules.stored_pieces(entry.ops, stored)) is not None:
+            for begin, end in pieces:  # bytes as stored: no decode, no size limit
+                append_stored(segments, begin, end)
+            continue
         if target_tensor.nbytes > settings.max_transform_tensor_bytes:
             raise TooLarge(
-                f"tensor {entry.target!r} needs {target_tensor.nbytes} bytes to transform; "
-                f"the limit is {settings.max_transform_tensor_bytes}"
+                f"tensor {entry.target!r} needs {target_tensor.nbytes} bytes to transform "
+                f"({', '.join(op['op'] for op in entry.ops)}); the limit is "
+                f"{settings.max_transform_tensor_bytes} (STATEHUB_MAX_TRANSFORM_TENSOR_BYTES)",
+                detail={
+                    "limit": "max_transform_tensor_bytes",
+                    "max_bytes": settings.max_transform_tensor_bytes,
+                    "bytes": target_tensor.nbytes,
+                },
             )
         start = version.data_start + offsets[entry.source][0] if entry.source else 0
         spec = source[entry.source] if entry.source else None

@@ -33,7 +33,7 @@ request together cost at most ``max_steps``. Either bound crossed is InvalidAdap
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -440,20 +440,45 @@ class SplitRule(_DeriveBase):
         return f"split '{self.source}' along dim {self.dim} into {len(self.targets)}"
 
 
+# In the sources of a ``repeat`` combine rule: the index counted up from 0 (an expert's).
+REPEAT_INDEX = "{n}"
+
+
 class CombineRule(_DeriveBase):
     """Several checkpoint tensors -> one target tensor: ``concat`` along ``dim`` (q, k, v into
-    a fused qkv), or ``stack`` on a new ``dim`` (per-expert weights into one)."""
+    a fused qkv), or ``stack`` on a new ``dim`` (per-expert weights into one).
+
+    With ``repeat``, the sources are templates over an index ``{n}``, expanded for n = 0,
+    1, 2, ... while the checkpoint holds the first of them, in that order (n-major): the
+    count of experts comes from the checkpoint, and the target's shape checks it."""
 
     type: Literal["concat", "stack"]
     target: Pattern
     sources: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
-        min_length=2, max_length=MAX_PIECES
+        min_length=1, max_length=MAX_PIECES
     )
+    repeat: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> CombineRule:
         self._check_keys()
+        if self.repeat and not all(REPEAT_INDEX in s for s in self.sources):
+            raise ValueError(f"every source of a repeat rule names the index {REPEAT_INDEX}")
+        if not self.repeat and len(self.sources) < 2:
+            raise ValueError(f"a {self.type} needs two sources or more (or repeat over {{n}})")
         return self
+
+    def repeated(self, names: list[str], holds: Callable[[str], bool]) -> list[str]:
+        """``names`` (the expanded templates) for every index the checkpoint holds."""
+        if not self.repeat:
+            return names
+        found: list[str] = []
+        for n in range(MAX_PIECES // len(names)):
+            keys = [name.replace(REPEAT_INDEX, str(n)) for name in names]
+            if not holds(keys[0]):
+                break
+            found += keys
+        return found
 
     @property
     def pattern(self) -> str:

@@ -93,6 +93,40 @@ class Transformed:
 Segment = HeaderBytes | StoredRange | Transformed
 
 
+# Ops that leave a contiguous tensor's bytes as they are: only the shape changes.
+_BYTE_PRESERVING_OPS = frozenset({"reshape", "unflatten", "flatten"})
+
+
+def stored_pieces(
+    ops: Sequence[dict[str, object]], inputs: Sequence[tuple[TensorSpec, int]]
+) -> list[tuple[int, int]] | None:
+    """The stored byte ranges whose concatenation *is* the derived tensor, or None when it
+    must be computed. A split along dim 0 (a slice of rows), a concat or stack along dim 0
+    (per-expert weights into one fused tensor) and any reshape after them move no byte:
+    such a tensor streams from the store like a rename, in bounded memory however large
+    it is. ``inputs`` are the tensors the entry reads with the offset each is stored at."""
+    if not inputs:
+        return None
+    first = ops[0] if ops else None
+    rest = ops[1:] if first is not None and first["op"] in ("slice", "concat", "stack") else ops
+    if any(op["op"] not in _BYTE_PRESERVING_OPS for op in rest):
+        return None
+    if first is not None and first["op"] in ("concat", "stack"):
+        if first["dim"] != 0 or len({spec.dtype for spec, _ in inputs}) != 1:
+            return None
+        return [(start, start + spec.nbytes) for spec, start in inputs]
+    if len(inputs) != 1:
+        return None
+    spec, start = inputs[0]
+    if first is not None and first["op"] == "slice":
+        if first["dim"] != 0 or not spec.shape:
+            return None
+        row = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        lo, hi = int(first["start"]), int(first["stop"])  # type: ignore[call-overload]
+        return [(start + lo * row, start + hi * row)]
+    return [(start, start + spec.nbytes)]
+
+
 def append_stored(segments: list[Segment], start: int, end: int) -> None:
     """Add a stored range, joined to the previous one when it continues it."""
     last = segments[-1] if segments else None

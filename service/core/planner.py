@@ -476,6 +476,7 @@ class _Planner:
             names = rule.expand(key)
             if names is None:
                 continue
+            names = rule.repeated(names, lambda n: n in self.pool or n in self.consumed)
             for name in names:
                 self.budget.check_key(name, key, label)
             lacking = [n for n in names if n not in self.pool]

@@ -20,6 +20,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -316,3 +318,42 @@ def test_the_cli_gives_model_facts_and_turns_the_recipes_off(
     assert off.exit_code == 0 and json.loads(off.stdout)["adapters"] == []
     bad = cli("plan", f"{ns}/llama", "--target", str(target), "--param", "head_dim")
     assert bad.exit_code == 2 and "NAME=N" in bad.output
+
+
+# -- MoE: per-expert files into transformers 5's fused experts ------------------------------
+
+
+def hf_mixtral() -> nn.Module:
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=LLAMA_DIM, intermediate_size=LLAMA_FFN,
+        num_hidden_layers=LAYERS, num_attention_heads=LLAMA_HEADS,
+        num_key_value_heads=LLAMA_KV_HEADS, num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=POSITIONS, bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def test_a_save_pretrained_mixtral_folder_loads_back_into_the_fused_experts(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    """transformers 5 fuses the experts in the module (mlp.experts.gate_up_proj) but writes
+    them one by one (block_sparse_moe.experts.E.w1/w2/w3), as the Hub holds them; its
+    from_pretrained converts, load_state_dict does not. The recipe does, by streaming."""
+    source = trained(hf_mixtral, 1)
+    source.save_pretrained(tmp_path / "mixtral")
+    hub.push(f"{ns}/mixtral", tmp_path / "mixtral")
+    target = trained(hf_mixtral, 2)
+    plan = hub.plan(f"{ns}/mixtral", target=target)
+    assert plan.verdict == "adapted", plan.reasons
+    assert [a["name"] for a in plan.adapters] == ["builtin-mixtral-experts-to-transformers5"]
+    assert plan.keep_target == [] and plan.unused == []
+    gate_up = plan.entry("model.layers.1.mlp.experts.gate_up_proj")
+    assert gate_up.sources == [
+        f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"
+        for e in range(3)
+        for w in ("w1", "w3")
+    ]
+    state = hub.fetch(f"{ns}/mixtral", target=target)
+    target.load_state_dict(state, strict=True)
+    torch.testing.assert_close(run(target, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)

@@ -219,3 +219,39 @@ def test_the_readme_adapter_example_is_a_valid_adapter() -> None:
     split, concat = spec.derive_rules
     assert split[1].expand("blocks.3.attn.qkv.bias") == [f"layers.3.{n}.bias" for n in "qkv"]
     assert concat[1].expand("layers.2.kv.weight") == ["enc.2.k.weight", "enc.2.v.weight"]
+
+
+EXPERTS = r"moe\.fused"
+PER_EXPERT = ["moe.experts.{n}.w1", "moe.experts.{n}.w3"]
+
+
+def test_a_repeat_rule_takes_every_expert_the_checkpoint_holds_in_order() -> None:
+    source = spec({f"moe.experts.{i}.w{j}": ((2, 4), "F32") for i in range(3) for j in (1, 3)})
+    rule = {"type": "stack", "target": EXPERTS, "sources": PER_EXPERT, "repeat": True,
+            "ops": [{"op": "unflatten", "dim": 0, "sizes": [-1, 2]},
+                    {"op": "flatten", "start": 1, "end": 2}]}  # fmt: skip
+    fused = plan(source, spec({"moe.fused": ((3, 4, 4), "F32")}), adapters=adapter(rule))
+    assert fused.verdict == "adapted" and fused.unused == []
+    assert fused.entries[0].sources == [f"moe.experts.{i}.w{j}" for i in range(3) for j in (1, 3)]
+    # The model's shape checks the count: two experts' worth of rows is not three.
+    fewer = plan(source, spec({"moe.fused": ((2, 4, 4), "F32")}), adapters=adapter(rule))
+    assert fewer.verdict == "incompatible" and "give [3, 4, 4]" in " ".join(fewer.reasons)
+    # An expert missing one of its pieces is named, not skipped.
+    holed = spec(
+        {
+            f"moe.experts.{i}.w{j}": ((2, 4), "F32")
+            for i in range(3)
+            for j in (1, 3)
+            if (i, j) != (1, 3)
+        }
+    )
+    missing = plan(holed, spec({"moe.fused": ((3, 4, 4), "F32")}), adapters=adapter(rule))
+    assert "the checkpoint lacks 'moe.experts.1.w3'" in " ".join(missing.reasons)
+
+
+def test_a_repeat_rule_names_its_index_and_a_plain_combine_needs_two_sources() -> None:
+    unindexed = {"type": "stack", "target": EXPERTS, "sources": ["moe.w1"], "repeat": True}
+    with pytest.raises(InvalidAdapter, match=r"index \{n\}"):
+        parse_adapter({"name": "a", "rules": [unindexed]})
+    with pytest.raises(InvalidAdapter, match="two sources or more"):
+        parse_adapter({"name": "a", "rules": [unindexed | {"repeat": False}]})

@@ -18,6 +18,7 @@ from service.core.layout import (
     range_applies,
     read_plan,
     resolve_range,
+    stored_pieces,
 )
 from service.core.plan import Entry
 from service.core.spec import TensorSpec
@@ -230,3 +231,33 @@ def test_resolve_range_ignores_a_stale_if_range() -> None:
     assert partial.content_range == "bytes 10-99/100"
     whole = resolve_range("bytes=10-", '"old"', tag="abc", total=100)
     assert (whole.start, whole.end, whole.partial) == (0, 100, False)
+
+
+def _t(key: str, shape: list[int], dtype: str = "F32") -> TensorSpec:
+    return TensorSpec(key, tuple(shape), dtype)
+
+
+def test_derived_tensors_that_move_no_byte_are_stored_ranges() -> None:
+    qkv = (_t("qkv", [12, 4]), 1000)  # 16 bytes a row
+    assert stored_pieces([{"op": "slice", "dim": 0, "start": 4, "stop": 8}], [qkv]) == [
+        (1064, 1128)
+    ]
+    pieces = [(_t(f"e{i}", [2, 4]), 100 * i) for i in range(3)]
+    stack = [{"op": "stack", "dim": 0}, {"op": "unflatten", "dim": 0, "sizes": [-1, 1]}]
+    assert stored_pieces(stack, pieces) == [(0, 32), (100, 132), (200, 232)]
+    assert stored_pieces([], [qkv]) == [(1000, 1192)]
+    assert stored_pieces([{"op": "reshape", "shape": [4, 12]}], [qkv]) == [(1000, 1192)]
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [{"op": "slice", "dim": 1, "start": 0, "stop": 2}],  # columns: strided bytes
+        [{"op": "transpose", "dims": [1, 0]}],
+        [{"op": "slice", "dim": 0, "start": 0, "stop": 4}, {"op": "cast", "dtype": "F16"}],
+        [{"op": "concat", "dim": 1}],
+    ],
+)
+def test_what_changes_bytes_is_computed(ops: list[dict[str, object]]) -> None:
+    inputs = [(_t("a", [12, 4]), 0), (_t("b", [12, 4]), 192)]
+    assert stored_pieces(ops, inputs if ops[0]["op"] == "concat" else inputs[:1]) is None
