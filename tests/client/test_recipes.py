@@ -22,6 +22,8 @@ from transformers import (
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -334,26 +336,53 @@ def hf_mixtral() -> nn.Module:
     return MixtralForCausalLM(config)
 
 
-def test_a_save_pretrained_mixtral_folder_loads_back_into_the_fused_experts(
-    hub: Client, ns: str, tmp_path: Path
+def hf_qwen3_moe() -> nn.Module:
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=LLAMA_DIM, intermediate_size=LLAMA_FFN,
+        moe_intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=LLAMA_HEADS,
+        num_key_value_heads=LLAMA_KV_HEADS, head_dim=HEAD_DIM, num_experts=3,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=POSITIONS, bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return Qwen3MoeForCausalLM(config)
+
+
+MOE = {
+    "mixtral": (
+        hf_mixtral,
+        "builtin-mixtral-experts-to-transformers5",
+        "model.layers.1.block_sparse_moe.experts.{e}.{w}.weight",
+        ("w1", "w3"),
+    ),
+    "qwen3-moe": (
+        hf_qwen3_moe,
+        "builtin-moe-experts-to-transformers5",
+        "model.layers.1.mlp.experts.{e}.{w}.weight",
+        ("gate_proj", "up_proj"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE))
+def test_a_save_pretrained_moe_folder_loads_back_into_the_fused_experts(
+    hub: Client, ns: str, tmp_path: Path, case: str
 ) -> None:
     """transformers 5 fuses the experts in the module (mlp.experts.gate_up_proj) but writes
-    them one by one (block_sparse_moe.experts.E.w1/w2/w3), as the Hub holds them; its
-    from_pretrained converts, load_state_dict does not. The recipe does, by streaming."""
-    source = trained(hf_mixtral, 1)
-    source.save_pretrained(tmp_path / "mixtral")
-    hub.push(f"{ns}/mixtral", tmp_path / "mixtral")
-    target = trained(hf_mixtral, 2)
-    plan = hub.plan(f"{ns}/mixtral", target=target)
+    them one by one (Mixtral's block_sparse_moe.experts.E.w1/w2/w3, Qwen's
+    mlp.experts.E.gate_proj/up_proj/down_proj), as the Hub holds them; its from_pretrained
+    converts, load_state_dict does not. The recipe does, streaming the experts' bytes."""
+    build, recipe, expert_key, (gate, up) = MOE[case]
+    source = trained(build, 1)
+    source.save_pretrained(tmp_path / case)
+    hub.push(f"{ns}/{case}", tmp_path / case)
+    target = trained(build, 2)
+    plan = hub.plan(f"{ns}/{case}", target=target)
     assert plan.verdict == "adapted", plan.reasons
-    assert [a["name"] for a in plan.adapters] == ["builtin-mixtral-experts-to-transformers5"]
+    assert [a["name"] for a in plan.adapters] == [recipe]
     assert plan.keep_target == [] and plan.unused == []
     gate_up = plan.entry("model.layers.1.mlp.experts.gate_up_proj")
-    assert gate_up.sources == [
-        f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"
-        for e in range(3)
-        for w in ("w1", "w3")
-    ]
-    state = hub.fetch(f"{ns}/mixtral", target=target)
+    assert gate_up.sources == [expert_key.format(e=e, w=w) for e in range(3) for w in (gate, up)]
+    state = hub.fetch(f"{ns}/{case}", target=target)
     target.load_state_dict(state, strict=True)
     torch.testing.assert_close(run(target, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)
