@@ -35,13 +35,14 @@ from statehub._errors import (
     Unauthorized,
     UnsafePickle,
 )
-from statehub._models import Plan, PlanEntry, Version
+from statehub._models import FetchedStateDict, Plan, PlanEntry, Version
 from statehub._tensors import spec_of
 
 __all__ = [
     "Client",
     "Conflict",
     "ConnectionFailed",
+    "FetchedStateDict",
     "FilesMissing",
     "Forbidden",
     "Incompatible",

@@ -34,7 +34,7 @@ from statehub._errors import (
     TensorsMissing,
     raise_for_status,
 )
-from statehub._models import Plan, Version
+from statehub._models import FetchedStateDict, Plan, Version
 from statehub._tensors import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
@@ -732,7 +732,7 @@ class Client:
         assign: bool = False,
         progress: Progress | None = None,
         **policy: Any,
-    ) -> dict[str, torch.Tensor]:
+    ) -> FetchedStateDict:
         """A state_dict of ``ref`` fitted to ``target``, ready for a strict ``load_state_dict``.
 
         A target on the ``meta`` device is a spec: it works wherever no key needs its
@@ -763,7 +763,8 @@ class Client:
 
         Returns:
             A dict of tensors in the target's key order (with ``load``, the module's own
-            tensors after loading, as its ``state_dict()`` gives them: no copy).
+            tensors after loading, as its ``state_dict()`` gives them: no copy), carrying
+            the plan it was fitted by (``.plan``) and its version (``.source``).
 
         Raises:
             Incompatible: the policy forbids what fitting would need (``.plan`` says why).
@@ -802,7 +803,7 @@ class Client:
             metadata = self._fetch_stream(stream, progress, loader)
             loader.finish()
             _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
-            return dict(target.state_dict())
+            return FetchedStateDict.of(target.state_dict(), metadata)
         if isinstance(stream, _CachedBody):  # memory-mapped: no copy of the whole body
             received, metadata = stream.load(place, progress)
         else:
@@ -811,7 +812,7 @@ class Client:
             received = sink.tensors
         tensors = self._complete(received, metadata, target, place)
         _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
-        return tensors
+        return FetchedStateDict.of(tensors, metadata)
 
     def _plan_before_fetch(
         self, model: str, version: str, body: dict[str, Any], valueless: set[str]

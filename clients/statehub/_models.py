@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,3 +123,22 @@ class Plan:
             if e.target == target_key:
                 return e
         raise KeyError(target_key)
+
+
+class FetchedStateDict(dict[str, Any]):
+    """What :meth:`Client.fetch` returns: a plain dict of tensors for ``load_state_dict``,
+    carrying the plan it was fitted by (``.plan``: every entry, the kept keys, the recipes
+    applied) and the version it came from (``.source``, ``ns/name:N``)."""
+
+    plan: Plan | None = None
+    source: str = ""
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> FetchedStateDict:
+        result = cls(tensors)
+        plan_json = metadata.get("statehub.plan")
+        if plan_json:
+            plan_id = hashlib.sha256(plan_json.encode()).hexdigest()
+            result.plan = Plan.from_json(json.loads(plan_json), plan_id)
+        result.source = metadata.get("statehub.source", "")
+        return result

@@ -78,6 +78,7 @@ def test_public_names_are_exactly_the_intended_ones() -> None:
         "Client",
         "Conflict",
         "ConnectionFailed",
+        "FetchedStateDict",
         "Forbidden",
         "Incompatible",
         "IntegrityError",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -151,6 +152,9 @@ def test_a_recipe_applies_by_itself_and_the_model_gives_the_source_outputs(
     assert any(recipe in e.rule for e in plan.entries)
 
     state = hub.fetch(f"{ns}/m", target=target)
+    # The result carries the plan it was fitted by: the one hub.plan answered.
+    assert state.plan is not None and state.plan.plan_id == plan.plan_id
+    assert state.plan.adapters == plan.adapters and state.source == f"{ns}/m:1"
     target.load_state_dict(state, strict=True)
     torch.testing.assert_close(run(target, x), run(source, x), rtol=1e-5, atol=1e-5)
 
@@ -386,3 +390,69 @@ def test_a_save_pretrained_moe_folder_loads_back_into_the_fused_experts(
     state = hub.fetch(f"{ns}/{case}", target=target)
     target.load_state_dict(state, strict=True)
     torch.testing.assert_close(run(target, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+# -- ViT: transformers' file names are not its module names ---------------------------------
+
+
+def from_files(state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
+    """``state`` (in file names) read by transformers itself, as from the Hub."""
+    folder.mkdir()
+    hf_vit().config.save_pretrained(folder)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return ViTForImageClassification.from_pretrained(folder).eval()
+
+
+def test_a_save_pretrained_vit_folder_loads_back_into_its_modules(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    """transformers 5 writes vit.encoder.layer.N.attention.attention.query but its module is
+    vit.layers.N.attention.q_proj: without the recipe the plan is partial (24 kept keys)."""
+    source = trained(hf_vit, 1)
+    source.save_pretrained(tmp_path / "vit")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in load_file(
+        tmp_path / "vit" / "model.safetensors"
+    )
+    hub.push(f"{ns}/vit", tmp_path / "vit")
+    target = trained(hf_vit, 2)
+    plan = hub.plan(f"{ns}/vit", target=target)
+    assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-files-to-modules"]
+    assert plan.verdict == "adapted" and plan.keep_target == [] and plan.unused == []
+    assert hub.plan(f"{ns}/vit", target=target, builtin=False).verdict == "partial"
+    target.load_state_dict(hub.fetch(f"{ns}/vit", target=target), strict=True)
+    torch.testing.assert_close(run(target, IMAGES), run(source, IMAGES))
+
+
+def test_a_vit_pushed_as_a_module_is_fetched_in_file_names(
+    hub: Client, ns: str, tmp_path: Path
+) -> None:
+    source = trained(hf_vit, 3)
+    hub.push(f"{ns}/vit", source)
+    trained(hf_vit, 4).save_pretrained(tmp_path / "other")
+    files = load_file(tmp_path / "other" / "model.safetensors")  # the names a file holds
+    plan = hub.plan(f"{ns}/vit", target=files)
+    assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-modules-to-files"]
+    state = hub.fetch(f"{ns}/vit", target=files)
+    loaded = from_files(dict(state), tmp_path / "fetched")
+    torch.testing.assert_close(run(loaded, IMAGES), run(source, IMAGES))
+
+
+def test_vit_files_and_timm_convert_both_ways(hub: Client, ns: str, tmp_path: Path) -> None:
+    """A Hub-style ViT file into timm's layout, and timm's back into file names that
+    transformers' from_pretrained reads."""
+    hf = trained(hf_vit, 5)
+    hf.save_pretrained(tmp_path / "vit")
+    hub.push(f"{ns}/hf", tmp_path / "vit")
+    timm = trained(timm_vit, 6)
+    plan = hub.plan(f"{ns}/hf", target=timm)
+    assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-files-to-timm"]
+    timm.load_state_dict(hub.fetch(f"{ns}/hf", target=timm), strict=True)
+    torch.testing.assert_close(run(timm, IMAGES), run(hf, IMAGES), rtol=1e-5, atol=1e-5)
+
+    source = trained(timm_vit, 7)
+    hub.push(f"{ns}/timm", source)
+    files = load_file(tmp_path / "vit" / "model.safetensors")
+    plan = hub.plan(f"{ns}/timm", target=files)
+    assert [a["name"] for a in plan.adapters] == ["builtin-vit-timm-to-transformers-files"]
+    loaded = from_files(dict(hub.fetch(f"{ns}/timm", target=files)), tmp_path / "back")
+    torch.testing.assert_close(run(loaded, IMAGES), run(source, IMAGES), rtol=1e-5, atol=1e-5)
