@@ -17,6 +17,8 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -403,18 +405,28 @@ def from_files(state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
     return ViTForImageClassification.from_pretrained(folder).eval()
 
 
+def hf_deit() -> nn.Module:
+    config = DeiTConfig(
+        image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, num_labels=5, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return DeiTForImageClassification(config)
+
+
+@pytest.mark.parametrize(("build", "prefix"), [(hf_vit, "vit"), (hf_deit, "deit")])
 def test_a_save_pretrained_vit_folder_loads_back_into_its_modules(
-    hub: Client, ns: str, tmp_path: Path
+    hub: Client, ns: str, tmp_path: Path, build: Callable[[], nn.Module], prefix: str
 ) -> None:
     """transformers 5 writes vit.encoder.layer.N.attention.attention.query but its module is
-    vit.layers.N.attention.q_proj: without the recipe the plan is partial (24 kept keys)."""
-    source = trained(hf_vit, 1)
+    vit.layers.N.attention.q_proj (DeiT likewise): without the recipe the plan is partial."""
+    source = trained(build, 1)
     source.save_pretrained(tmp_path / "vit")
-    assert "vit.encoder.layer.0.attention.attention.query.weight" in load_file(
+    assert f"{prefix}.encoder.layer.0.attention.attention.query.weight" in load_file(
         tmp_path / "vit" / "model.safetensors"
     )
     hub.push(f"{ns}/vit", tmp_path / "vit")
-    target = trained(hf_vit, 2)
+    target = trained(build, 2)
     plan = hub.plan(f"{ns}/vit", target=target)
     assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-files-to-modules"]
     assert plan.verdict == "adapted" and plan.keep_target == [] and plan.unused == []
