@@ -143,7 +143,7 @@ def applicable_adapters(
             chosen.append((recipe.meta, recipe.adapter))
             continue
         if facts is None:
-            facts = dict(version_facts()) | dict(policy.params)
+            facts = dict(version_facts()) | dict(policy.target_facts) | dict(policy.params)
         used = {p: facts[p] for p in recipe.params if p in facts}
         # The plan records the facts the recipe was filled with, beside its name and version.
         chosen.append((recipe.meta | {"params": used}, recipe.adapter_for(facts)))

@@ -96,9 +96,7 @@ def split_ref(ref: str) -> tuple[str, str]:
     return model, version
 
 
-def _policy(options: Mapping[str, Any], target: Any = None) -> dict[str, Any]:
-    """The policy JSON; a transformers target's config adds the model facts recipes need
-    (``params``, e.g. ``head_dim``) that the options do not give."""
+def _policy(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(options) - set(POLICY_KEYS)
     if unknown:
         raise TypeError(f"unknown policy option(s) {sorted(unknown)}; use {list(POLICY_KEYS)}")
@@ -106,10 +104,16 @@ def _policy(options: Mapping[str, Any], target: Any = None) -> dict[str, Any]:
     for key in ("allow_ops", "adapters"):
         if key in policy and policy[key] is not None:
             policy[key] = list(policy[key])
-    facts = model_facts(target) | dict(policy.get("params") or {})
-    if facts:
-        policy["params"] = facts
     return policy
+
+
+def _fit_body(target: Any, policy: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan / fetch / search request: the target's spec and the policy, and what a
+    transformers target's config says that recipes may need (``facts``: ``head_dim``)."""
+    body: dict[str, Any] = {"target": spec_of(target), "policy": _policy(policy)}
+    if facts := model_facts(target):
+        body["facts"] = facts
+    return body
 
 
 class Client:
@@ -680,7 +684,7 @@ class Client:
             ('partial', ['fc.weight', 'fc.bias'])
         """
         model, version = split_ref(ref)
-        body = {"target": spec_of(target), "policy": _policy(policy, target)}
+        body = _fit_body(target, policy)
         data = self._json("POST", f"/v1/models/{model}/versions/{version}/plan", json=body)
         return Plan.from_json(data["plan"], data["plan_id"])
 
@@ -719,7 +723,7 @@ class Client:
         Raises:
             InvalidSpec, ConnectionFailed.
         """
-        body = {"target": spec_of(target), "policy": _policy(policy, target), "limit": limit}
+        body = _fit_body(target, policy) | {"limit": limit}
         return self._json("POST", "/v1/search/compatible", json=body)
 
     def fetch(
@@ -786,7 +790,7 @@ class Client:
         elif assign:
             raise TypeError("assign=True loads into the target: pass load=True as well")
         model, version = split_ref(ref)
-        body = {"target": spec_of(target), "policy": _policy(policy, target)}
+        body = _fit_body(target, policy)
         key = Cache.key("fetch", self.url, model, version, body)
         valueless = valueless_keys(target)
         plan_first = None
@@ -870,7 +874,7 @@ class Client:
             key = Cache.key("pull", self.url, model, version)
             stream = self._open_body(key, "pull", ref, "GET", f"{base}/blob", None)
         else:
-            body = {"target": spec_of(target), "policy": _policy(policy, target)}
+            body = _fit_body(target, policy)
             key = Cache.key("fetch", self.url, model, version, body)
             stream = self._open_body(key, "fetch", ref, "POST", f"{base}/fetch", body)
         return _download(stream, Path(path), progress, verify_digest=target is None)

@@ -55,7 +55,7 @@ def plan(
         name=name,
         ref=ref,
         target=_target(body, settings),
-        policy=body.policy.to_policy(),
+        policy=body.to_policy(),
         settings=settings,
         blobs=blobs,
     )
@@ -106,7 +106,7 @@ def fetch(
         name,
         ref,
         _target(body, settings),
-        body.policy.to_policy(),
+        body.to_policy(),
         range_header,
         if_range,
         if_none_match,
@@ -139,7 +139,7 @@ def search_compatible(
         readable=principal.readable(),
         session=session,
         target=_target(body, settings),
-        policy=body.policy.to_policy(),
+        policy=body.to_policy(),
         limit=body.limit,
         settings=settings,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -53,6 +54,12 @@ class SpecIn(BaseModel):
         return ArchSpec.of(((t.key, t.shape, t.dtype) for t in self.tensors), self.tie_groups)
 
 
+Facts = dict[
+    Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")],
+    Annotated[int, Field(ge=1, le=1 << 20)],
+]
+
+
 class PolicyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     strict: bool = False
@@ -65,10 +72,7 @@ class PolicyIn(BaseModel):
     # Built-in recipes apply where their layout signature matches; false turns them off.
     builtin: bool = True
     # Model facts recipes need (``{"head_dim": 128}``), where the version's files lack them.
-    params: dict[
-        Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")],
-        Annotated[int, Field(ge=1, le=1 << 20)],
-    ] = Field(default_factory=dict, max_length=16)
+    params: Facts = Field(default_factory=dict, max_length=16)
 
     def to_policy(self) -> Policy:
         return Policy(
@@ -88,6 +92,13 @@ class FitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: SpecIn
     policy: PolicyIn = Field(default_factory=PolicyIn)
+    # What the target model says of itself (a transformers config's head_dim), for recipes
+    # that need it; the policy's params win.
+    facts: Facts = Field(default_factory=dict, max_length=16)
+
+    def to_policy(self) -> Policy:
+        facts = tuple(sorted(self.facts.items()))
+        return dataclasses.replace(self.policy.to_policy(), target_facts=facts)
 
 
 class SearchRequest(FitRequest):

@@ -51,12 +51,17 @@ class Policy:
     # Facts about the model that recipes need and shapes do not tell (``head_dim``), as
     # sorted (name, value) pairs; they win over what the version's config files say.
     params: tuple[tuple[str, int], ...] = ()
+    # The same facts as the target model states them (a transformers model's config, sent
+    # by the client). Not part of the plan's policy: a plan records the facts a recipe used
+    # (``Plan.adapters``), so a model and its state_dict as targets give one plan id.
+    target_facts: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["allow_ops"] = sorted(self.allow_ops)
         data["adapters"] = list(self.adapters)
         data["params"] = dict(self.params)
+        del data["target_facts"]
         return data
 
 

@@ -431,6 +431,9 @@ def test_a_save_pretrained_vit_folder_loads_back_into_its_modules(
     assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-files-to-modules"]
     assert plan.verdict == "adapted" and plan.keep_target == [] and plan.unused == []
     assert hub.plan(f"{ns}/vit", target=target, builtin=False).verdict == "partial"
+    # The model sends its config's facts (head_dim) beside the spec; no recipe here uses
+    # them, so the model and its state_dict as targets give one plan.
+    assert hub.plan(f"{ns}/vit", target=target.state_dict()).plan_id == plan.plan_id
     target.load_state_dict(hub.fetch(f"{ns}/vit", target=target), strict=True)
     torch.testing.assert_close(run(target, IMAGES), run(source, IMAGES))
 
