@@ -105,6 +105,17 @@ def meta_llama() -> nn.Module:
     return MetaLlama(MetaLlamaArgs(**META_PARAMS, ffn_hidden_dim=LLAMA_FFN, max_seq_len=POSITIONS))
 
 
+def torchtune_llama() -> nn.Module:
+    """torchtune's own Llama 3 builder (interleaved rotary pairs, as Meta's)."""
+    from torchtune.models.llama3 import llama3
+
+    return llama3(
+        vocab_size=VOCAB, num_layers=LAYERS, num_heads=LLAMA_HEADS, num_kv_heads=LLAMA_KV_HEADS,
+        embed_dim=LLAMA_DIM, max_seq_len=POSITIONS, intermediate_dim=LLAMA_FFN,
+        rope_base=10000, norm_eps=1e-5,
+    )  # fmt: skip
+
+
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(x)
@@ -133,6 +144,12 @@ CASES = {
         hf_llama,
         TOKENS,
         "builtin-llama-meta-to-transformers",
+    ),
+    "llama-torchtune-to-transformers": (
+        torchtune_llama,
+        hf_llama,
+        TOKENS,
+        "builtin-llama-torchtune-to-transformers",
     ),
 }
 
@@ -227,30 +244,36 @@ def assert_same_outputs(
     torch.testing.assert_close(run(target, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)
 
 
-def test_a_transformers_llama_folder_loads_into_metas_layout_with_head_dim_from_its_config(
-    hub: Client, ns: str, tmp_path: Path
+# Layouts that rotate interleaved pairs, as Meta's code does: (model, recipe, q key, v key).
+INTERLEAVED = {
+    "meta": (meta_llama, "builtin-llama-transformers-to-meta", "attention.wq", "attention.wv"),
+    "torchtune": (
+        torchtune_llama, "builtin-llama-transformers-to-torchtune", "attn.q_proj", "attn.v_proj"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(INTERLEAVED))
+def test_a_transformers_llama_folder_loads_into_an_interleaved_layout(
+    hub: Client, ns: str, tmp_path: Path, layout: str
 ) -> None:
-    """save_pretrained's config.json is in the version: it gives head_dim; the Meta model
-    says nothing about itself."""
+    """save_pretrained's config.json is in the version: it gives head_dim; the Meta and
+    torchtune models say nothing about themselves."""
+    build, recipe, q, v = INTERLEAVED[layout]
     hf = trained(hf_llama, 1)
     hf.save_pretrained(tmp_path / "hf")
     hub.push(f"{ns}/llama", tmp_path / "hf")
-    target = trained(meta_llama, 2)
+    target = trained(build, 2)
     plan = hub.plan(f"{ns}/llama", target=target)
     assert plan.verdict == "adapted", plan.reasons
     assert plan.adapters == [
-        {
-            "name": "builtin-llama-transformers-to-meta",
-            "version": 1,
-            "builtin": True,
-            "params": {"head_dim": HEAD_DIM},
-        }
+        {"name": recipe, "version": 1, "builtin": True, "params": {"head_dim": HEAD_DIM}}
     ]
-    wq = plan.entry("layers.0.attention.wq.weight")
+    wq = plan.entry(f"layers.0.{q}.weight")
     assert wq.source == "model.layers.0.self_attn.q_proj.weight"
     assert [op["op"] for op in wq.ops] == ["unflatten", "transpose", "flatten"]
     assert wq.ops[0]["sizes"] == [-1, 2, HEAD_DIM // 2]
-    assert plan.entry("layers.0.attention.wv.weight").ops == []
+    assert plan.entry(f"layers.0.{v}.weight").ops == []
     assert_same_outputs(target, hub.fetch(f"{ns}/llama", target=target), hf)
 
 
