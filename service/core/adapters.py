@@ -369,6 +369,31 @@ def _expand(regex: Any, templates: Sequence[list[_Piece]], key: str) -> list[str
     ]
 
 
+# In the sources of a ``repeat`` combine rule (the targets of a split): the index counted
+# up from 0 (an expert's).
+REPEAT_INDEX = "{n}"
+
+
+def _check_repeat(repeat: bool, keys: Sequence[str], what: str, kind: str) -> None:
+    if repeat and not all(REPEAT_INDEX in k for k in keys):
+        raise ValueError(f"every {what} of a repeat rule names the index {REPEAT_INDEX}")
+    if not repeat and len(keys) < 2:
+        raise ValueError(f"a {kind} needs two {what}s or more (or repeat over {REPEAT_INDEX})")
+
+
+def _repeated(repeat: bool, names: list[str], holds: Callable[[str], bool]) -> list[str]:
+    """``names`` (the expanded templates) for every index n whose first key ``holds``."""
+    if not repeat:
+        return names
+    found: list[str] = []
+    for n in range(MAX_PIECES // len(names)):
+        keys = [name.replace(REPEAT_INDEX, str(n)) for name in names]
+        if not holds(keys[0]):
+            break
+        found += keys
+    return found
+
+
 class _DeriveBase(_Frozen):
     """What split and concat/stack rules share: a pattern, key templates over its groups,
     a dimension and the ops that follow."""
@@ -411,22 +436,38 @@ class _DeriveBase(_Frozen):
 
 
 class SplitRule(_DeriveBase):
-    """One checkpoint tensor -> several target tensors, cut along ``dim`` (a fused qkv)."""
+    """One checkpoint tensor -> several target tensors, cut along ``dim`` (a fused qkv).
+
+    ``before``: ops on the source before it is cut (``flatten`` a fused experts tensor
+    ``[experts, rows, cols]`` to cut it into each expert's rows). With ``repeat``, the
+    targets are templates over an index ``{n}``, expanded for n = 0, 1, ... while the model
+    holds the first of them (n-major), as a repeat combine rule's sources are."""
 
     type: Literal["split"]
     source: Pattern
     targets: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]] = Field(
-        min_length=2, max_length=MAX_PIECES
+        min_length=1, max_length=MAX_PIECES
     )
     # Sizes of the pieces along ``dim``; None: each target's own size along ``dim``.
     sizes: list[Annotated[int, Field(ge=0)]] | None = None
+    before: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+    repeat: bool = False
+
+    @field_validator("before", mode="before")
+    @classmethod
+    def _valid_before(cls, ops: Any) -> list[dict[str, Any]]:
+        return _valid_chain(ops if isinstance(ops, list) else [ops])
 
     @model_validator(mode="after")
     def _consistent(self) -> SplitRule:
         self._check_keys()
-        if self.sizes is not None and len(self.sizes) != len(self.targets):
+        _check_repeat(self.repeat, self.targets, "target", self.type)
+        if self.sizes is not None and (self.repeat or len(self.sizes) != len(self.targets)):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.targets)} targets")
         return self
+
+    def repeated(self, names: list[str], holds: Callable[[str], bool]) -> list[str]:
+        return _repeated(self.repeat, names, holds)
 
     @property
     def pattern(self) -> str:
@@ -438,10 +479,6 @@ class SplitRule(_DeriveBase):
 
     def describe(self) -> str:
         return f"split '{self.source}' along dim {self.dim} into {len(self.targets)}"
-
-
-# In the sources of a ``repeat`` combine rule: the index counted up from 0 (an expert's).
-REPEAT_INDEX = "{n}"
 
 
 class CombineRule(_DeriveBase):
@@ -462,23 +499,11 @@ class CombineRule(_DeriveBase):
     @model_validator(mode="after")
     def _consistent(self) -> CombineRule:
         self._check_keys()
-        if self.repeat and not all(REPEAT_INDEX in s for s in self.sources):
-            raise ValueError(f"every source of a repeat rule names the index {REPEAT_INDEX}")
-        if not self.repeat and len(self.sources) < 2:
-            raise ValueError(f"a {self.type} needs two sources or more (or repeat over {{n}})")
+        _check_repeat(self.repeat, self.sources, "source", self.type)
         return self
 
     def repeated(self, names: list[str], holds: Callable[[str], bool]) -> list[str]:
-        """``names`` (the expanded templates) for every index the checkpoint holds."""
-        if not self.repeat:
-            return names
-        found: list[str] = []
-        for n in range(MAX_PIECES // len(names)):
-            keys = [name.replace(REPEAT_INDEX, str(n)) for name in names]
-            if not holds(keys[0]):
-                break
-            found += keys
-        return found
+        return _repeated(self.repeat, names, holds)
 
     @property
     def pattern(self) -> str:

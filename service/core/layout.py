@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from service.core.ops import infer
 from service.core.plan import Entry
 from service.core.spec import DTYPE_SIZES, TensorSpec
 
@@ -98,33 +100,37 @@ _BYTE_PRESERVING_OPS = frozenset({"reshape", "unflatten", "flatten"})
 
 
 def stored_pieces(
-    ops: Sequence[dict[str, object]], inputs: Sequence[tuple[TensorSpec, int]]
+    ops: Sequence[dict[str, Any]], inputs: Sequence[tuple[TensorSpec, int]]
 ) -> list[tuple[int, int]] | None:
     """The stored byte ranges whose concatenation *is* the derived tensor, or None when it
-    must be computed. A split along dim 0 (a slice of rows), a concat or stack along dim 0
-    (per-expert weights into one fused tensor) and any reshape after them move no byte:
-    such a tensor streams from the store like a rename, in bounded memory however large
-    it is. ``inputs`` are the tensors the entry reads with the offset each is stored at."""
+    must be computed. A split along dim 0 (a slice of rows, also after a flatten), a concat
+    or stack along dim 0 (per-expert weights into one fused tensor) and any reshape around
+    them move no byte: such a tensor streams from the store like a rename, in bounded memory
+    however large it is. ``inputs`` are the tensors the entry reads, each with the offset it
+    is stored at."""
     if not inputs:
         return None
-    first = ops[0] if ops else None
-    rest = ops[1:] if first is not None and first["op"] in ("slice", "concat", "stack") else ops
-    if any(op["op"] not in _BYTE_PRESERVING_OPS for op in rest):
-        return None
-    if first is not None and first["op"] in ("concat", "stack"):
-        if first["dim"] != 0 or len({spec.dtype for spec, _ in inputs}) != 1:
+    if ops and ops[0]["op"] in ("concat", "stack"):
+        if ops[0]["dim"] != 0 or len({spec.dtype for spec, _ in inputs}) != 1:
+            return None
+        if any(op["op"] not in _BYTE_PRESERVING_OPS for op in ops[1:]):
             return None
         return [(start, start + spec.nbytes) for spec, start in inputs]
     if len(inputs) != 1:
         return None
     spec, start = inputs[0]
-    if first is not None and first["op"] == "slice":
-        if first["dim"] != 0 or not spec.shape:
+    # The tensor so far is the contiguous bytes [lo, hi) with this shape.
+    lo, hi, shape = start, start + spec.nbytes, tuple(spec.shape)
+    for op in ops:
+        if op["op"] in _BYTE_PRESERVING_OPS:
+            shape, _ = infer(op, shape, spec.dtype)
+        elif op["op"] == "slice" and op["dim"] == 0 and shape and shape[0]:
+            row = (hi - lo) // shape[0]
+            lo, hi = lo + op["start"] * row, lo + op["stop"] * row
+            shape = (op["stop"] - op["start"], *shape[1:])
+        else:
             return None
-        row = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
-        lo, hi = int(first["start"]), int(first["stop"])  # type: ignore[call-overload]
-        return [(start + lo * row, start + hi * row)]
-    return [(start, start + spec.nbytes)]
+    return [(lo, hi)]
 
 
 def append_stored(segments: list[Segment], start: int, end: int) -> None:

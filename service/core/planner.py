@@ -420,6 +420,9 @@ class _Planner:
             targets = rule.expand(name)
             if targets is None:
                 continue
+            targets = rule.repeated(targets, lambda t: t in self.open or t in self.entries)
+            if not targets:
+                continue  # a repeat whose first target the model lacks: not its layout
             if name in self.consumed:  # an earlier rule took it already
                 self.overlap(name, label)
                 applied = True
@@ -442,6 +445,18 @@ class _Planner:
         self, name: str, src: _Source, targets: list[str], rule: SplitRule, label: str
     ) -> None:
         dim = rule.dim
+        shape = src.shape
+        if rule.before:
+            try:
+                shape, _ = infer_chain(rule.before, src.shape, src.dtype)
+            except OpError as exc:
+                self.reasons.append(f"{label}: '{name}' {_shape_text(src.shape)}: {exc}")
+                for target in targets:
+                    self.take(target)
+                    self.keep(
+                        target, stage="adapter", rule=label, evidence={"checkpoint_key": name}
+                    )
+                return
         if rule.sizes is not None:
             sizes = list(rule.sizes)
         elif rule.ops:
@@ -452,10 +467,10 @@ class _Planner:
                 self.open[t].shape[dim] if dim < len(self.open[t].shape) else -1 for t in targets
             ]
         covered = sum(sizes)
-        if sizes and (dim >= len(src.shape) or -1 in sizes or covered != src.shape[dim]):
-            along = src.shape[dim] if dim < len(src.shape) else "no such dim"
+        if sizes and (dim >= len(shape) or -1 in sizes or covered != shape[dim]):
+            along = shape[dim] if dim < len(shape) else "no such dim"
             self.reasons.append(
-                f"{label}: '{name}' {_shape_text(src.shape)} cut into pieces of "
+                f"{label}: '{name}' {_shape_text(shape)} cut into pieces of "
                 f"{sizes} along dim {dim} ({along}): the pieces must cover it exactly"
             )
             sizes = []
@@ -465,7 +480,11 @@ class _Planner:
             if not sizes:
                 self.keep(target, stage="adapter", rule=label, evidence={"checkpoint_key": name})
                 continue
-            ops = [slice_op(dim, offset, offset + sizes[i]), *copy.deepcopy(rule.ops)]
+            ops = [
+                *copy.deepcopy(rule.before),
+                slice_op(dim, offset, offset + sizes[i]),
+                *copy.deepcopy(rule.ops),
+            ]
             offset += sizes[i]
             self.derived(target, [src], ops, label)
 

@@ -494,3 +494,29 @@ def test_vit_files_and_timm_convert_both_ways(hub: Client, ns: str, tmp_path: Pa
     assert [a["name"] for a in plan.adapters] == ["builtin-vit-timm-to-transformers-files"]
     loaded = from_files(dict(hub.fetch(f"{ns}/timm", target=files)), tmp_path / "back")
     torch.testing.assert_close(run(loaded, IMAGES), run(source, IMAGES), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(MOE))
+def test_a_moe_pushed_as_a_module_is_fetched_one_module_per_expert(
+    hub: Client, ns: str, tmp_path: Path, case: str
+) -> None:
+    """The way back: the fused experts of a module push, cut into each expert's tensors
+    (the names its files use), which transformers' own from_pretrained then reads."""
+    build, _, expert_key, (_, up) = MOE[case]
+    source = trained(build, 3)
+    hub.push(f"{ns}/{case}", source)
+    trained(build, 4).save_pretrained(tmp_path / "other")
+    files = load_file(tmp_path / "other" / "model.safetensors")
+    plan = hub.plan(f"{ns}/{case}", target=files)
+    assert plan.verdict == "adapted", plan.reasons
+    assert plan.keep_target == [] and plan.unused == []
+    w_up = plan.entry(expert_key.format(e=2, w=up))
+    assert w_up.source == "model.layers.1.mlp.experts.gate_up_proj"
+    assert [op["op"] for op in w_up.ops] == ["flatten", "slice"]
+    state = hub.fetch(f"{ns}/{case}", target=files)
+    folder = tmp_path / "fetched"
+    folder.mkdir()
+    source.config.save_pretrained(folder)
+    save_file(dict(state), folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = type(source).from_pretrained(folder).eval()
+    torch.testing.assert_close(run(loaded, TOKENS), run(source, TOKENS), rtol=1e-5, atol=1e-5)

@@ -255,3 +255,25 @@ def test_a_repeat_rule_names_its_index_and_a_plain_combine_needs_two_sources() -
         parse_adapter({"name": "a", "rules": [unindexed]})
     with pytest.raises(InvalidAdapter, match="two sources or more"):
         parse_adapter({"name": "a", "rules": [unindexed | {"repeat": False}]})
+
+
+def test_a_repeat_split_cuts_fused_experts_for_every_expert_the_model_holds() -> None:
+    fused = spec({"moe.gate_up": ((3, 4, 4), "F32")})  # 3 experts, 2 pieces of 2 rows each
+    rule = {"type": "split", "source": r"moe\.gate_up", "repeat": True,
+            "targets": ["moe.experts.{n}.w1", "moe.experts.{n}.w3"],
+            "before": [{"op": "flatten", "start": 0, "end": 1}]}  # fmt: skip
+    model = spec({f"moe.experts.{i}.w{j}": ((2, 4), "F32") for i in range(3) for j in (1, 3)})
+    cut = plan(fused, model, adapters=adapter(rule))
+    assert cut.verdict == "adapted" and cut.unused == []
+    w3 = {e.target: e for e in cut.entries}["moe.experts.1.w3"]
+    assert w3.ops == [ops.flatten_op(0, 1), ops.slice_op(0, 6, 8)]
+    # A model with two experts cannot take three experts' rows: said, not cut short.
+    two = spec({f"moe.experts.{i}.w{j}": ((2, 4), "F32") for i in range(2) for j in (1, 3)})
+    short = plan(fused, two, adapters=adapter(rule))
+    assert short.verdict == "incompatible"
+    assert "the pieces must cover it exactly" in " ".join(short.reasons)
+    # A before-op that does not fit the source is the rule's reason, and nothing is cut.
+    bad = plan(
+        fused, model, adapters=adapter(rule | {"before": [{"op": "flatten", "start": 2, "end": 3}]})
+    )
+    assert bad.verdict == "incompatible" and bad.keys.adapted == 0

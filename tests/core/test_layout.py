@@ -247,6 +247,13 @@ def test_derived_tensors_that_move_no_byte_are_stored_ranges() -> None:
     assert stored_pieces(stack, pieces) == [(0, 32), (100, 132), (200, 232)]
     assert stored_pieces([], [qkv]) == [(1000, 1192)]
     assert stored_pieces([{"op": "reshape", "shape": [4, 12]}], [qkv]) == [(1000, 1192)]
+    # A fused experts tensor [2, 6, 4] flattened, then one expert's second half cut out.
+    fused = (_t("gate_up", [2, 6, 4]), 0)
+    cut = [
+        {"op": "flatten", "start": 0, "end": 1},
+        {"op": "slice", "dim": 0, "start": 9, "stop": 12},
+    ]
+    assert stored_pieces(cut, [fused]) == [(9 * 16, 12 * 16)]
 
 
 @pytest.mark.parametrize(
