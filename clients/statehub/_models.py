@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,11 @@ class FetchedStateDict(dict[str, Any]):
 
     plan: Plan | None = None
     source: str = ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Saved (torch.save) or copied, it is the plain state_dict torch knows: a file of a
+        # class of statehub's would not load with torch.load(weights_only=True).
+        return (OrderedDict, (list(self.items()),))
 
     @classmethod
     def of(cls, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> FetchedStateDict:

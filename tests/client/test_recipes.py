@@ -7,6 +7,7 @@ tests/recipes/test_reference_models.py (timm does not import beside this torch).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,10 @@ def test_a_recipe_applies_by_itself_and_the_model_gives_the_source_outputs(
     # The result carries the plan it was fitted by: the one hub.plan answered.
     assert state.plan is not None and state.plan.plan_id == plan.plan_id
     assert state.plan.adapters == plan.adapters and state.source == f"{ns}/m:1"
+    saved = io.BytesIO()  # saved, it is a plain state_dict: torch's safe load reads it
+    torch.save(state, saved)
+    saved.seek(0)
+    assert list(torch.load(saved, weights_only=True)) == list(state)
     target.load_state_dict(state, strict=True)
     torch.testing.assert_close(run(target, x), run(source, x), rtol=1e-5, atol=1e-5)
 
