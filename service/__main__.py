@@ -46,10 +46,12 @@ def serve(argv: list[str]) -> None:
 
     import uvicorn
 
+    from service.allocator import bound_allocator
     from service.app import create_app
     from service.observability import configure_logging
     from service.settings import Settings
 
+    bound_allocator()  # before any worker thread makes an arena of its own
     settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
     configure_logging(settings)
     app = create_app(settings)
