@@ -20,6 +20,8 @@ from torch import nn
 from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
+    Dinov2Config,
+    Dinov2ForImageClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -28,6 +30,8 @@ from transformers import (
     MixtralForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -425,12 +429,16 @@ def test_a_save_pretrained_moe_folder_loads_back_into_the_fused_experts(
 # -- ViT: transformers' file names are not its module names ---------------------------------
 
 
-def from_files(state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
-    """``state`` (in file names) read by transformers itself, as from the Hub."""
+def from_files(
+    state: dict[str, torch.Tensor], folder: Path, like: nn.Module | None = None
+) -> nn.Module:
+    """``state`` (in file names) read by transformers itself, as from the Hub, into a model
+    of ``like``'s class and config (a ViT by default)."""
+    like = like if like is not None else hf_vit()
     folder.mkdir()
-    hf_vit().config.save_pretrained(folder)
+    like.config.save_pretrained(folder)
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    return ViTForImageClassification.from_pretrained(folder).eval()
+    return type(like).from_pretrained(folder).eval()
 
 
 def hf_deit() -> nn.Module:
@@ -442,42 +450,83 @@ def hf_deit() -> nn.Module:
     return DeiTForImageClassification(config)
 
 
-@pytest.mark.parametrize(("build", "prefix"), [(hf_vit, "vit"), (hf_deit, "deit")])
-def test_a_save_pretrained_vit_folder_loads_back_into_its_modules(
-    hub: Client, ns: str, tmp_path: Path, build: Callable[[], nn.Module], prefix: str
+def hf_dinov2(swiglu: bool = False) -> nn.Module:
+    config = Dinov2Config(
+        image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_labels=5, use_swiglu_ffn=swiglu, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return Dinov2ForImageClassification(config)
+
+
+def hf_swin() -> nn.Module:
+    config = SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4],
+        window_size=4, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )  # fmt: skip
+    return SwinForImageClassification(config)
+
+
+IMAGES_32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+# transformers 5 classes whose modules are named otherwise than their files: (model, input,
+# the file name of the first query weight, the recipe files -> modules, and back).
+FILE_NAMED = {
+    "vit": (hf_vit, IMAGES, "vit.encoder.layer.0.attention.attention.query.weight", "vit"),
+    "deit": (hf_deit, IMAGES, "deit.encoder.layer.0.attention.attention.query.weight", "vit"),
+    "dinov2": (
+        hf_dinov2, IMAGES, "dinov2.encoder.layer.0.attention.attention.query.weight", "dinov2"
+    ),
+    "dinov2-swiglu": (
+        lambda: hf_dinov2(swiglu=True), IMAGES,
+        "dinov2.encoder.layer.0.mlp.weights_in.weight", "dinov2",
+    ),
+    "swin": (
+        hf_swin, IMAGES_32,
+        "swin.encoder.layers.0.blocks.0.attention.self.query.weight", "swin",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", list(FILE_NAMED))
+def test_a_save_pretrained_folder_loads_back_into_its_modules(
+    hub: Client, ns: str, tmp_path: Path, model: str
 ) -> None:
     """transformers 5 writes vit.encoder.layer.N.attention.attention.query but its module is
-    vit.layers.N.attention.q_proj (DeiT likewise): without the recipe the plan is partial."""
+    vit.layers.N.attention.q_proj (DeiT, DINOv2, Swin likewise, each its own way): without
+    the recipe the plan is partial."""
+    build, x, file_key, family = FILE_NAMED[model]
     source = trained(build, 1)
-    source.save_pretrained(tmp_path / "vit")
-    assert f"{prefix}.encoder.layer.0.attention.attention.query.weight" in load_file(
-        tmp_path / "vit" / "model.safetensors"
-    )
-    hub.push(f"{ns}/vit", tmp_path / "vit")
+    source.save_pretrained(tmp_path / "m")
+    assert file_key in load_file(tmp_path / "m" / "model.safetensors")
+    hub.push(f"{ns}/m", tmp_path / "m")
     target = trained(build, 2)
-    plan = hub.plan(f"{ns}/vit", target=target)
-    assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-files-to-modules"]
+    plan = hub.plan(f"{ns}/m", target=target)
+    assert [a["name"] for a in plan.adapters] == [f"builtin-{family}-transformers-files-to-modules"]
     assert plan.verdict == "adapted" and plan.keep_target == [] and plan.unused == []
-    assert hub.plan(f"{ns}/vit", target=target, builtin=False).verdict == "partial"
+    assert hub.plan(f"{ns}/m", target=target, builtin=False).verdict == "partial"
     # The model sends its config's facts (head_dim) beside the spec; no recipe here uses
     # them, so the model and its state_dict as targets give one plan.
-    assert hub.plan(f"{ns}/vit", target=target.state_dict()).plan_id == plan.plan_id
-    target.load_state_dict(hub.fetch(f"{ns}/vit", target=target), strict=True)
-    torch.testing.assert_close(run(target, IMAGES), run(source, IMAGES))
+    assert hub.plan(f"{ns}/m", target=target.state_dict()).plan_id == plan.plan_id
+    target.load_state_dict(hub.fetch(f"{ns}/m", target=target), strict=True)
+    torch.testing.assert_close(run(target, x), run(source, x))
 
 
-def test_a_vit_pushed_as_a_module_is_fetched_in_file_names(
-    hub: Client, ns: str, tmp_path: Path
+@pytest.mark.parametrize("model", list(FILE_NAMED))
+def test_a_model_pushed_as_a_module_is_fetched_in_file_names(
+    hub: Client, ns: str, tmp_path: Path, model: str
 ) -> None:
-    source = trained(hf_vit, 3)
-    hub.push(f"{ns}/vit", source)
-    trained(hf_vit, 4).save_pretrained(tmp_path / "other")
+    build, x, _, family = FILE_NAMED[model]
+    source = trained(build, 3)
+    hub.push(f"{ns}/m", source)
+    trained(build, 4).save_pretrained(tmp_path / "other")
     files = load_file(tmp_path / "other" / "model.safetensors")  # the names a file holds
-    plan = hub.plan(f"{ns}/vit", target=files)
-    assert [a["name"] for a in plan.adapters] == ["builtin-vit-transformers-modules-to-files"]
-    state = hub.fetch(f"{ns}/vit", target=files)
-    loaded = from_files(dict(state), tmp_path / "fetched")
-    torch.testing.assert_close(run(loaded, IMAGES), run(source, IMAGES))
+    plan = hub.plan(f"{ns}/m", target=files)
+    assert [a["name"] for a in plan.adapters] == [f"builtin-{family}-transformers-modules-to-files"]
+    assert plan.keep_target == [] and plan.unused == []
+    state = hub.fetch(f"{ns}/m", target=files)
+    loaded = from_files(dict(state), tmp_path / "fetched", like=source)
+    torch.testing.assert_close(run(loaded, x), run(source, x))
 
 
 def test_vit_files_and_timm_convert_both_ways(hub: Client, ns: str, tmp_path: Path) -> None:
