@@ -806,17 +806,18 @@ class Client:
             loader = ModuleLoader(target, assign=assign, device=place)
             metadata = self._fetch_stream(stream, progress, loader)
             loader.finish()
-            _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
-            return FetchedStateDict.of(target.state_dict(), metadata)
+            result = FetchedStateDict.of(target.state_dict(), metadata)
+            _warn_if_partial(ref, metadata, result, explicit="on_missing" in policy)
+            return result
         if isinstance(stream, _CachedBody):  # memory-mapped: no copy of the whole body
             received, metadata = stream.load(place, progress)
         else:
             sink = DictSink(place)
             metadata = self._fetch_stream(stream, progress, sink)
             received = sink.tensors
-        tensors = self._complete(received, metadata, target, place)
-        _warn_if_partial(ref, metadata, explicit="on_missing" in policy)
-        return FetchedStateDict.of(tensors, metadata)
+        result = FetchedStateDict.of(self._complete(received, metadata, target, place), metadata)
+        _warn_if_partial(ref, metadata, result, explicit="on_missing" in policy)
+        return result
 
     def _plan_before_fetch(
         self, model: str, version: str, body: dict[str, Any], valueless: set[str]
@@ -993,14 +994,16 @@ class Client:
         }
 
 
-def _warn_if_partial(ref: str, metadata: dict[str, str], *, explicit: bool) -> None:
+def _warn_if_partial(
+    ref: str, metadata: dict[str, str], result: FetchedStateDict, *, explicit: bool
+) -> None:
     """A StatehubWarning naming the target keys the fetch kept and the checkpoint tensors
     it did not use: a strict load of such a result succeeds with the model's own values
     for those keys, which is a silent wrong load unless it was meant."""
     keep = json.loads(metadata.get("statehub.keep_target", "[]"))
     if not keep or explicit:
         return
-    unused = json.loads(metadata.get("statehub.plan", "{}")).get("unused", [])
+    unused = result.plan.unused if result.plan is not None else []
     message = (
         f"fetch of {ref} kept {len(keep)} key(s) of the target with the model's own values "
         f"(not in the checkpoint, or reset by the policy): {_names(keep)}"

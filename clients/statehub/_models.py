@@ -7,6 +7,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -131,20 +132,25 @@ class FetchedStateDict(dict[str, Any]):
     carrying the plan it was fitted by (``.plan``: every entry, the kept keys, the recipes
     applied) and the version it came from (``.source``, ``ns/name:N``)."""
 
-    plan: Plan | None = None
     source: str = ""
+    _plan_json: str = ""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Saved (torch.save) or copied, it is the plain state_dict torch knows: a file of a
         # class of statehub's would not load with torch.load(weights_only=True).
         return (OrderedDict, (list(self.items()),))
 
+    @cached_property
+    def plan(self) -> Plan | None:
+        # Parsed when first asked for: a plan of 10,000 entries is megabytes of JSON.
+        if not self._plan_json:
+            return None
+        plan_id = hashlib.sha256(self._plan_json.encode()).hexdigest()
+        return Plan.from_json(json.loads(self._plan_json), plan_id)
+
     @classmethod
     def of(cls, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> FetchedStateDict:
         result = cls(tensors)
-        plan_json = metadata.get("statehub.plan")
-        if plan_json:
-            plan_id = hashlib.sha256(plan_json.encode()).hexdigest()
-            result.plan = Plan.from_json(json.loads(plan_json), plan_id)
+        result._plan_json = metadata.get("statehub.plan", "")
         result.source = metadata.get("statehub.source", "")
         return result

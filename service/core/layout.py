@@ -95,8 +95,9 @@ class Transformed:
 Segment = HeaderBytes | StoredRange | Transformed
 
 
-# Ops that leave a contiguous tensor's bytes as they are: only the shape changes.
-_BYTE_PRESERVING_OPS = frozenset({"reshape", "unflatten", "flatten"})
+# The elementwise ops that leave a contiguous tensor's bytes as they are (all but a cast):
+# only the shape changes.
+_BYTE_PRESERVING_OPS = ELEMENTWISE_OPS - {"cast"}
 
 
 def stored_pieces(

@@ -445,19 +445,14 @@ class _Planner:
         self, name: str, src: _Source, targets: list[str], rule: SplitRule, label: str
     ) -> None:
         dim = rule.dim
-        shape = src.shape
-        if rule.before:
-            try:
-                shape, _ = infer_chain(rule.before, src.shape, src.dtype)
-            except OpError as exc:
-                self.reasons.append(f"{label}: '{name}' {_shape_text(src.shape)}: {exc}")
-                for target in targets:
-                    self.take(target)
-                    self.keep(
-                        target, stage="adapter", rule=label, evidence={"checkpoint_key": name}
-                    )
-                return
-        if rule.sizes is not None:
+        try:  # the source as the cut sees it: ``before`` may flatten it
+            shape, _ = infer_chain(rule.before, src.shape, src.dtype)
+        except OpError as exc:
+            self.reasons.append(f"{label}: '{name}' {_shape_text(src.shape)}: {exc}")
+            shape = None
+        if shape is None:
+            sizes: list[int] = []  # every target keeps its own value, below
+        elif rule.sizes is not None:
             sizes = list(rule.sizes)
         elif rule.ops:
             sizes = []
@@ -467,7 +462,11 @@ class _Planner:
                 self.open[t].shape[dim] if dim < len(self.open[t].shape) else -1 for t in targets
             ]
         covered = sum(sizes)
-        if sizes and (dim >= len(shape) or -1 in sizes or covered != shape[dim]):
+        if (
+            shape is not None
+            and sizes
+            and (dim >= len(shape) or -1 in sizes or covered != shape[dim])
+        ):
             along = shape[dim] if dim < len(shape) else "no such dim"
             self.reasons.append(
                 f"{label}: '{name}' {_shape_text(shape)} cut into pieces of "

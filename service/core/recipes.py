@@ -153,18 +153,17 @@ def params_from_config(config: Mapping[str, Any]) -> dict[str, int]:
 
     def number(key: str) -> int | None:
         value = config.get(key)
-        return (
-            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-        )
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return value if value > 0 else None
 
-    found: dict[str, int] = {}
     if head_dim := number("head_dim"):
-        found["head_dim"] = head_dim
+        return {"head_dim": head_dim}
     for width, heads in (("hidden_size", "num_attention_heads"), ("dim", "n_heads")):
         w, h = number(width), number(heads)
-        if "head_dim" not in found and w and h and w % h == 0:
-            found["head_dim"] = w // h
-    return found
+        if w and h and w % h == 0:
+            return {"head_dim": w // h}
+    return {}
 
 
 class Recipe(_Frozen):
