@@ -196,7 +196,7 @@ class FitTee:
             if self._spool is None:
                 return
             try:
-                self._spool.write(chunk)  # type: ignore[arg-type]  # hashlib and files take views
+                self._spool.write(chunk)
                 self._written += len(chunk)
             except (StatehubError, OSError) as exc:
                 log.info("fit cache: spool write failed, body not kept: %s", exc)

@@ -11,6 +11,14 @@ and commits one version with its files:
   each shard as one run; the shards are stored once, as pushed;
 - one torch file: converted as a plain upload would be, the original kept as a file.
 
+A safetensors file whose tensors are mostly stored already (a fine-tuned shard: every tensor
+but the new head) need not be uploaded whole: the client uploads the missing tensors, then
+asks for the file to be composed from its header and its tensors' hashes (``compose_file``).
+It is recorded as a *composed file* (``composed_files``: extents into the blobs holding its
+bytes) under its own sha256, checked against the composed bytes, and read through those
+extents wherever a file is read (``file_sources``), so it stays byte-identical to the file
+pushed while a fine-tune stores only its new tensors.
+
 A file blob uploaded but not yet committed is protected by gc's grace period, like a tensor
 uploaded for a deduplicated push; the commit's leases protect it from then on.
 """
@@ -19,9 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from service import dedup, registry
 from service.core.names import ModelName
@@ -45,7 +55,10 @@ from service.ingest import Ingested, check_stored, describe
 from service.settings import Settings
 from service.storage import repositories as repo
 from service.storage.blobs import BlobNotFound, BlobStore
+from service.storage.composed import Extent, version_bytes
 from service.storage.db import Database
+from service.storage.models import ComposedFile
+from service.storage.sources import ByteSource
 from service.storage.spool import Spooled, SpoolFile, spool_bytes
 
 # Ingested.path of weights read from the store: no spool file holds them (nothing to remove).
@@ -60,9 +73,68 @@ def file_limits(settings: Settings) -> FileLimits:
     )
 
 
-def missing_files(blobs: BlobStore, hashes: Sequence[str]) -> list[str]:
-    """Which of these blobs the store lacks (sorted, distinct)."""
-    return sorted({sha for sha in hashes if not blobs.exists(sha)})
+def missing_files(db: Database, blobs: BlobStore, hashes: Sequence[str]) -> list[str]:
+    """Which of these files the registry lacks, as a blob or composed (sorted, distinct)."""
+    with db.session() as session:
+        composed = repo.composed_files(session, hashes)
+    return sorted({sha for sha in hashes if sha not in composed and not blobs.exists(sha)})
+
+
+def stored_size(db: Database, blobs: BlobStore, sha256: str) -> int | None:
+    """The size of the file ``sha256`` as stored, blob or composed; None when it is not."""
+    with db.session() as session:
+        composed = repo.composed_files(session, [sha256]).get(sha256)
+    if composed is not None:
+        return composed.size
+    try:
+        return blobs.size(sha256)
+    except BlobNotFound:
+        return None
+
+
+def compose_file(
+    *,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+    sha256: str,
+    header_json: str,
+    size: int,
+    tensor_hashes: dict[str, str],
+) -> None:
+    """A safetensors file from its header and the hashes of its tensors, all stored: kept
+    as the composed file ``sha256`` once its composed bytes are checked to hash to that.
+
+    Raises:
+        TensorsMissing (``tensors_missing``, 409): some tensors are not stored.
+        InvalidCheckpoint: a header that is not safetensors, or bytes that hash otherwise.
+    """
+    if stored_size(db, blobs, sha256) == size:
+        return  # stored already, whole or composed
+    header, hashes, spooled = registry.composed_header(settings, header_json, size, tensor_hashes)
+    stored: dedup.Stored | None = None
+    try:
+        stored, digest = dedup.compose_from_hashes(
+            db=db, blobs=blobs, settings=settings, header_file=spooled, header=header, hashes=hashes
+        )
+        if digest != sha256:
+            raise InvalidCheckpoint(
+                f"the composed file hashes to {digest}, not {sha256}: the header or a "
+                "tensor hash does not describe the file",
+                detail={"expected": sha256, "actual": digest},
+            )
+        assert stored.extents is not None
+        with db.session() as session:
+            repo.add_composed_file(
+                session, sha256, size, [e.to_json() for e in stored.extents], stored.refs
+            )
+            for lease_id in stored.leases:
+                repo.release_lease(session, lease_id)
+        stored.leases = []
+    finally:
+        spooled.path.unlink(missing_ok=True)
+        if stored is not None and stored.leases:
+            dedup.release(db, stored.leases)
 
 
 def store_file(
@@ -96,9 +168,11 @@ def push_folder(
     weights = find_weights(files)
     leases = dedup.lease(db, settings, {f.sha256 for f in files})
     try:
-        _require_stored(blobs, files)
+        with db.session() as session:
+            stored_files = StoredFiles.of(session, blobs, (f.sha256 for f in files))
+        _require_stored(blobs, files, stored_files.composed)
         if weights.kind == "torch":
-            spooled = _spool_blob(blobs, settings, weights.file)
+            spooled = _spool_blob(stored_files, settings, weights.file)
             return registry.push_version(
                 db=db,
                 blobs=blobs,
@@ -112,9 +186,9 @@ def push_folder(
                 files=files,
             )
         if weights.kind == "safetensors":
-            ingested, stored, hashes = _single(db, blobs, settings, weights.file)
+            ingested, stored, hashes = _single(stored_files, settings, weights.file)
         else:
-            ingested, stored, hashes = _sharded(db, blobs, settings, weights.file, files)
+            ingested, stored, hashes = _sharded(db, stored_files, settings, weights.file, files)
         try:
             return registry.commit_version(
                 db,
@@ -134,11 +208,37 @@ def push_folder(
         dedup.release(db, leases)
 
 
-def _require_stored(blobs: BlobStore, files: Sequence[FileEntry]) -> None:
+class StoredFiles:
+    """Files as stored, by sha256: each read from its blob, or through its extents when it
+    is a composed file (only those are looked up: one query for any number of files)."""
+
+    def __init__(self, blobs: BlobStore, composed: dict[str, ComposedFile]) -> None:
+        self.blobs = blobs
+        self.composed = composed
+
+    @classmethod
+    def of(cls, session: Session, blobs: BlobStore, hashes: Iterable[str]) -> StoredFiles:
+        return cls(blobs, repo.composed_files(session, hashes))
+
+    def extents(self, sha256: str) -> list[Any] | None:
+        row = self.composed.get(sha256)
+        return None if row is None else list(row.extents)
+
+    def source(self, sha256: str) -> ByteSource:
+        return version_bytes(self.blobs, sha256, self.extents(sha256))
+
+    def read_range(self, sha256: str, start: int, end: int) -> bytes:
+        return self.source(sha256).read_range(sha256, start, end)
+
+
+def _require_stored(
+    blobs: BlobStore, files: Sequence[FileEntry], composed: dict[str, ComposedFile]
+) -> None:
     missing, wrong = [], []
     for entry in files:
         try:
-            size = blobs.size(entry.sha256)
+            row = composed.get(entry.sha256)
+            size = row.size if row is not None else blobs.size(entry.sha256)
         except BlobNotFound:
             missing.append(entry.sha256)
             continue
@@ -157,15 +257,15 @@ def _require_stored(blobs: BlobStore, files: Sequence[FileEntry]) -> None:
         )
 
 
-def _header_of(blobs: BlobStore, entry: FileEntry, settings: Settings) -> tuple[bytes, Any]:
+def _header_of(source: ByteSource, entry: FileEntry, settings: Settings) -> tuple[bytes, Any]:
     """A stored safetensors file's raw header JSON and its parsed header (ranged reads)."""
     limits = registry.limits_from(settings)
-    prefix = blobs.read_range(entry.sha256, 0, min(8, entry.size))
+    prefix = source.read_range(entry.sha256, 0, min(8, entry.size))
     try:
         length = read_header_length(prefix, file_size=entry.size, limits=limits)
     except InvalidCheckpoint as exc:
         raise InvalidCheckpoint(f"{entry.path}: {exc.message}", detail=exc.detail) from None
-    raw = blobs.read_range(entry.sha256, 8, 8 + length)
+    raw = source.read_range(entry.sha256, 8, 8 + length)
     try:
         header = parse_header(raw, file_size=entry.size, limits=limits)
     except InvalidCheckpoint as exc:
@@ -174,7 +274,7 @@ def _header_of(blobs: BlobStore, entry: FileEntry, settings: Settings) -> tuple[
 
 
 def _hash_tensors(
-    blobs: BlobStore, digest: str, header: SafetensorsHeader, chunk: int
+    source: ByteSource, digest: str, header: SafetensorsHeader, chunk: int
 ) -> list[str]:
     """sha256 of each tensor (data order) in one streamed read of the blob's data region."""
     hashers = [hashlib.sha256() for _ in header.tensors]
@@ -183,7 +283,7 @@ def _hash_tensors(
     if not header.tensors:
         return []
     position, index = header.data_start, 0
-    for piece in blobs.iter_range(digest, header.data_start, header.total_size, chunk):
+    for piece in source.iter_range(digest, header.data_start, header.total_size, chunk):
         view = memoryview(piece)
         while view and index < len(hashers):
             lo = max(starts[index] - position, 0)
@@ -200,18 +300,25 @@ def _hash_tensors(
 
 
 def _single(
-    db: Database, blobs: BlobStore, settings: Settings, entry: FileEntry
+    files: StoredFiles, settings: Settings, entry: FileEntry
 ) -> tuple[Ingested, dedup.Stored, list[str]]:
-    """A folder's one safetensors file: the version's blob is the file's own."""
-    _, header = _header_of(blobs, entry, settings)
+    """A folder's one safetensors file: the version's bytes are the file's own (its blob, or
+    the extents of a composed file, whose tensors are indexed where they lie already)."""
+    source = files.source(entry.sha256)
+    _, header = _header_of(source, entry, settings)
     check_stored(header, registry.limits_from(settings))
-    hashes = _hash_tensors(blobs, entry.sha256, header, settings.stream_chunk_bytes)
-    index = [
-        (sha, entry.sha256, header.data_start + t.begin, t.nbytes)
-        for t, sha in zip(header.tensors, hashes, strict=True)
-        if t.nbytes
-    ]
-    stored = dedup.Stored(None, index, [], new_bytes=entry.size)
+    hashes = _hash_tensors(source, entry.sha256, header, settings.stream_chunk_bytes)
+    extents = files.extents(entry.sha256)
+    if extents is not None:
+        composed = [Extent.from_json(e) for e in extents]
+        stored = dedup.Stored(composed, [], [], shared_bytes=header.data_size)
+    else:
+        index = [
+            (sha, entry.sha256, header.data_start + t.begin, t.nbytes)
+            for t, sha in zip(header.tensors, hashes, strict=True)
+            if t.nbytes
+        ]
+        stored = dedup.Stored(None, index, [], new_bytes=entry.size)
     ingested = Ingested(STORED_WEIGHTS, entry.sha256, entry.size, header, "safetensors")
     ingested.report = {"weights": entry.path}
     describe(ingested, "safetensors")
@@ -220,29 +327,34 @@ def _single(
 
 def _sharded(
     db: Database,
-    blobs: BlobStore,
+    files: StoredFiles,
     settings: Settings,
     index_entry: FileEntry,
-    files: Sequence[FileEntry],
+    manifest: Sequence[FileEntry],
 ) -> tuple[Ingested, dedup.Stored, list[str]]:
     """An index and its shards: indexed where they lie, composed shard after shard."""
+    blobs = files.blobs
     limits = registry.limits_from(settings)
     if index_entry.size > limits.max_header_bytes:
         raise TooLarge(f"{index_entry.path} exceeds {limits.max_header_bytes} bytes")
-    raw_index = blobs.read_range(index_entry.sha256, 0, index_entry.size)
+    raw_index = files.source(index_entry.sha256).read_range(index_entry.sha256, 0, index_entry.size)
     index = parse_index(index_entry.path, raw_index, limits=limits)
-    shards = shard_files(index_entry.path, index.shards, files)
-    headers = {path: _header_of(blobs, entry, settings)[1] for path, entry in shards.items()}
+    shards = shard_files(index_entry.path, index.shards, manifest)
+    sources = {path: files.source(entry.sha256) for path, entry in shards.items()}
+    headers = {
+        path: _header_of(sources[path], entry, settings)[1] for path, entry in shards.items()
+    }
     order = merge_order(index, headers)
-    # Every shard tensor is indexed where it lies, so the composition reads the shards.
+    # Every shard tensor is indexed where it lies, so the composition reads the shards (a
+    # composed shard's tensors are indexed in the blobs it reads already).
     by_key: dict[str, str] = {}
     rows = []
     for path, entry in shards.items():
         header = headers[path]
-        hashes = _hash_tensors(blobs, entry.sha256, header, settings.stream_chunk_bytes)
+        hashes = _hash_tensors(sources[path], entry.sha256, header, settings.stream_chunk_bytes)
         for tensor, sha in zip(header.tensors, hashes, strict=True):
             by_key[tensor.key] = sha
-            if tensor.nbytes:
+            if tensor.nbytes and entry.sha256 not in files.composed:
                 rows.append((sha, entry.sha256, header.data_start + tensor.begin, tensor.nbytes))
     with db.session() as session:
         repo.index_stored_tensors(session, rows)
@@ -274,7 +386,7 @@ def _sharded(
     return ingested, stored, hashes
 
 
-def _spool_blob(blobs: BlobStore, settings: Settings, entry: FileEntry) -> Spooled:
+def _spool_blob(files: StoredFiles, settings: Settings, entry: FileEntry) -> Spooled:
     """A stored file copied to the spool, for the conversion a torch file needs."""
     spool = SpoolFile(
         settings.effective_spool_dir,
@@ -283,7 +395,7 @@ def _spool_blob(blobs: BlobStore, settings: Settings, entry: FileEntry) -> Spool
         expected_bytes=entry.size,
     )
     try:
-        for piece in _pieces(blobs, entry, settings.stream_chunk_bytes):
+        for piece in _pieces(files.source(entry.sha256), entry, settings.stream_chunk_bytes):
             spool.write(piece)
         return spool.finish()
     except BaseException:
@@ -291,6 +403,6 @@ def _spool_blob(blobs: BlobStore, settings: Settings, entry: FileEntry) -> Spool
         raise
 
 
-def _pieces(blobs: BlobStore, entry: FileEntry, chunk: int) -> Iterator[bytes]:
+def _pieces(source: ByteSource, entry: FileEntry, chunk: int) -> Iterator[bytes | memoryview]:
     if entry.size:
-        yield from blobs.iter_range(entry.sha256, 0, entry.size, chunk)
+        yield from source.iter_range(entry.sha256, 0, entry.size, chunk)

@@ -10,6 +10,12 @@ does, and gc leaves the blob alone. The grace period (blob and temp-file age) is
 guard, for writes that take no lease; a lease left by a crashed upload expires after
 ``upload_lease_s``.
 
+Composed files (``service.folders``: a fine-tuned shard stored as ranges of other blobs) keep
+the blobs they read while they exist; gc deletes one that no version file names once it is
+older than the grace period (it was composed for a push that never committed), under the
+same lock a push's lease takes on the file's sha256, and its blobs are then collected like
+any other.
+
 Fit cache entries (``service.fit_cache``) reference blobs too. gc first evicts the entries
 unused for ``fit_cache_ttl_s``; their blobs are then unreferenced and collected like any
 other (grace included). A dry run counts the entries it would evict, and since they stay,
@@ -46,6 +52,7 @@ class GcReport:
     temp_files_deleted: list[str]
     leases_expired: int
     fit_cache_evicted: int = 0  # entries unused for fit_cache_ttl_s (their blobs follow)
+    composed_files_deleted: int = 0  # composed files no version names (their blobs follow)
 
 
 def collect(
@@ -63,6 +70,8 @@ def collect(
     with db.session() as session:
         # First, so an evicted entry's blob is collected by this very run (under the grace).
         evicted = fit_cache.evict_unused(session, settings, dry_run=dry_run)
+    composed = _collect_composed_files(db, cutoff, dry_run=dry_run)
+    with db.session() as session:
         in_use = repo.digests_in_use(session, now=now)
         expired = 0 if dry_run else repo.delete_expired_leases(session, now=now)
     deleted: list[str] = []
@@ -76,7 +85,7 @@ def collect(
             kept += 1
     temp = blobs.remove_stale_temp(cutoff, dry_run=dry_run)
     temp += _remove_stale_spool(settings.effective_spool_dir, cutoff, dry_run=dry_run)
-    report = GcReport(dry_run, grace_s, deleted, freed, kept, temp, expired, evicted)
+    report = GcReport(dry_run, grace_s, deleted, freed, kept, temp, expired, evicted, composed)
     with db.session() as session:
         repo.record_event(
             session,
@@ -91,6 +100,7 @@ def collect(
                 "bytes_freed": freed,
                 "temp_files_deleted": len(temp),
                 "fit_cache_evicted": evicted,
+                "composed_files_deleted": composed,
             },
         )
     log.info(
@@ -101,6 +111,23 @@ def collect(
         evicted,
     )
     return report
+
+
+def _collect_composed_files(db: Database, cutoff: datetime, *, dry_run: bool) -> int:
+    """Composed files older than ``cutoff`` that nothing names: each checked and deleted
+    under its lock, so a push leasing it in between keeps it."""
+    with db.session() as session:
+        candidates = repo.stale_composed_files(session, before=cutoff)
+    deleted = 0
+    for sha256 in candidates:
+        with db.session() as session:
+            repo.lock_blob(session, sha256)
+            if repo.blob_in_use(session, sha256, now=utcnow()):
+                continue
+            if not dry_run:
+                repo.delete_composed_file(session, sha256)
+            deleted += 1
+    return deleted
 
 
 def _delete_if_unused(db: Database, blobs: BlobStore, digest: str, *, dry_run: bool) -> bool:

@@ -125,7 +125,13 @@ def _version(session: Session, model: Model, revision: str) -> Version | None:
 def _files(session: Session, version: Version) -> list[HubFile]:
     files = repo.version_files(session, version)
     if files:
-        return [HubFile(f.path, f.size, f.sha256, None) for f in files]
+        composed = repo.composed_files(session, (f.sha256 for f in files))
+        return [
+            HubFile(f.path, f.size, f.sha256, composed[f.sha256].extents)
+            if f.sha256 in composed
+            else HubFile(f.path, f.size, f.sha256, None)
+            for f in files
+        ]
     return [HubFile(SINGLE_FILE, version.size, version.digest, version.extents)]
 
 

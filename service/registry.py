@@ -20,7 +20,7 @@ from service import dedup
 from service.core.adapters import AdapterSpec, parse_adapter
 from service.core.names import LATEST, ModelName, VersionRef, validate_alias, validate_segment
 from service.core.repo_files import FileEntry, files_digest
-from service.core.safetensors_format import Limits, parse_header
+from service.core.safetensors_format import Limits, SafetensorsHeader, parse_header
 from service.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, TooLarge
 from service.ingest import Ingested, check_stored, describe, ingest
 from service.settings import Settings
@@ -188,25 +188,7 @@ def compose_version(
     the registry stores already (the client uploaded the missing ones first)."""
     if alias is not None:
         validate_alias(alias)
-    limits = limits_from(settings)
-    raw = header_json.encode()
-    if len(raw) > limits.max_header_bytes:
-        raise TooLarge(f"the header exceeds {limits.max_header_bytes} bytes")
-    header = parse_header(raw, file_size=size, limits=limits)
-    check_stored(header, limits)
-    unknown = set(tensor_hashes) - {t.key for t in header.tensors}
-    absent = [t.key for t in header.tensors if t.key not in tensor_hashes]
-    if unknown or absent:
-        raise InvalidRequest(
-            "tensors must name every tensor of the header, and only those",
-            detail={"not_in_header": sorted(unknown)[:50], "without_hash": absent[:50]},
-        )
-    hashes = [validate_digest(tensor_hashes[t.key]) for t in header.tensors]
-    spooled = spool_bytes(
-        settings.effective_spool_dir,
-        struct.pack("<Q", len(raw)) + raw,
-        min_free_bytes=settings.spool_min_free_bytes,
-    )
+    header, hashes, spooled = composed_header(settings, header_json, size, tensor_hashes)
     stored: dedup.Stored | None = None
     try:
         stored, digest = dedup.compose_from_hashes(
@@ -226,6 +208,34 @@ def compose_version(
         spooled.path.unlink(missing_ok=True)
         if stored is not None and stored.leases:
             dedup.release(db, stored.leases)
+
+
+def composed_header(
+    settings: Settings, header_json: str, size: int, tensor_hashes: dict[str, str]
+) -> tuple[SafetensorsHeader, list[str], Spooled]:
+    """A file to compose from stored tensors: its parsed header, each tensor's hash in data
+    order, and the header's bytes (length prefix and JSON, as in the file) spooled; the
+    caller removes the spool file."""
+    limits = limits_from(settings)
+    raw = header_json.encode()
+    if len(raw) > limits.max_header_bytes:
+        raise TooLarge(f"the header exceeds {limits.max_header_bytes} bytes")
+    header = parse_header(raw, file_size=size, limits=limits)
+    check_stored(header, limits)
+    unknown = set(tensor_hashes) - {t.key for t in header.tensors}
+    absent = [t.key for t in header.tensors if t.key not in tensor_hashes]
+    if unknown or absent:
+        raise InvalidRequest(
+            "tensors must name every tensor of the header, and only those",
+            detail={"not_in_header": sorted(unknown)[:50], "without_hash": absent[:50]},
+        )
+    hashes = [validate_digest(tensor_hashes[t.key]) for t in header.tensors]
+    spooled = spool_bytes(
+        settings.effective_spool_dir,
+        struct.pack("<Q", len(raw)) + raw,
+        min_free_bytes=settings.spool_min_free_bytes,
+    )
+    return header, hashes, spooled
 
 
 def commit_version(

@@ -18,6 +18,9 @@ class GcReportOut(GcOut):
     fit_cache_evicted: int = Field(
         default=0, description="fit cache entries unused for STATEHUB_FIT_CACHE_TTL_S, evicted"
     )
+    composed_files_deleted: int = Field(
+        default=0, description="composed files no version names, deleted (their blobs follow)"
+    )
 
 
 @router.post("/gc", response_model=GcReportOut)

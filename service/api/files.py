@@ -23,6 +23,7 @@ from service.api.deps import (
 )
 from service.api.models import MAX_METADATA_CHARS, blob_response, parse_metadata_param
 from service.api.schemas import FileOut, VersionOut
+from service.api.tensors import ComposeRequest
 from service.core.names import validate_alias
 from service.storage import repositories as repo
 from service.storage.blobs import validate_digest
@@ -38,6 +39,10 @@ class FilesMissingOut(BaseModel):
     missing: list[str]
 
 
+class ComposeFileRequest(ComposeRequest):
+    sha256: str = Field(description="sha256 of the whole file, checked against the composition")
+
+
 class FolderCommit(BaseModel):
     files: list[dict[str, Any]] = Field(
         max_length=100_000, description="every file of the folder: {path, size, sha256}"
@@ -46,12 +51,17 @@ class FolderCommit(BaseModel):
 
 @router.post("/{namespace}/{name}/files/missing", response_model=FilesMissingOut)
 def missing_files(
-    name: ModelNameDep, body: FilesMissingRequest, blobs: BlobStoreDep, principal: PrincipalDep
+    name: ModelNameDep,
+    body: FilesMissingRequest,
+    db: DatabaseDep,
+    blobs: BlobStoreDep,
+    principal: PrincipalDep,
 ) -> FilesMissingOut:
-    """Which of these file hashes the store lacks (sorted, distinct): upload those."""
+    """Which of these file hashes the registry lacks (sorted, distinct): upload those, or
+    compose a safetensors file from its tensors (``files/compose``)."""
     principal.require("write", name)
     hashes = [validate_digest(sha) for sha in body.sha256]
-    return FilesMissingOut(missing=folders.missing_files(blobs, hashes))
+    return FilesMissingOut(missing=folders.missing_files(db, blobs, hashes))
 
 
 @router.put("/{namespace}/{name}/files/{sha256}", response_model=FileOut)
@@ -74,6 +84,36 @@ async def upload_file(
         )
     )
     return FileOut(path="", size=spooled.size, sha256=sha256)
+
+
+@router.post(
+    "/{namespace}/{name}/files/compose",
+    response_model=FileOut,
+    responses={409: {"description": "tensors_missing: upload them, then compose again"}},
+)
+def compose_file(
+    name: ModelNameDep,
+    body: ComposeFileRequest,
+    db: DatabaseDep,
+    blobs: BlobStoreDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+) -> FileOut:
+    """A safetensors file of a folder from its header and its tensors' hashes, all stored
+    (upload the missing ones with ``PUT tensors/{sha256}`` first): a fine-tuned shard sends
+    only its new tensors. Refused unless the composed bytes hash to ``sha256``."""
+    principal.require("write", name)
+    sha256 = validate_digest(body.sha256)
+    folders.compose_file(
+        db=db,
+        blobs=blobs,
+        settings=settings,
+        sha256=sha256,
+        header_json=body.header,
+        size=body.size,
+        tensor_hashes=body.tensors,
+    )
+    return FileOut(path="", size=body.size, sha256=sha256)
 
 
 @router.post(
@@ -155,6 +195,6 @@ def download_file(
         settings,
         digest=entry.sha256,
         size=entry.size,
-        extents=None,
+        extents=repo.composed_extents(session, entry.sha256),
         filename=path.rsplit("/", 1)[-1],
     )

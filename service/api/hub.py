@@ -188,6 +188,7 @@ def lfs_batch(
     request: Request,
     name: ModelNameDep,
     body: LfsBatch,
+    db: DatabaseDep,
     blobs: BlobStoreDep,
     settings: SettingsDep,
     principal: PrincipalDep,
@@ -202,7 +203,7 @@ def lfs_batch(
     objects = []
     for obj in body.objects:
         entry: dict[str, Any] = {"oid": obj.oid, "size": obj.size, "authenticated": True}
-        if not blobs.exists(obj.oid):
+        if folders.stored_size(db, blobs, obj.oid) != obj.size:
             signature = hub.upload_signature(secret, name, obj.oid, obj.size, expires)
             query = urlencode({"size": obj.size, "expires": expires, "signature": signature})
             entry["actions"] = {
@@ -242,10 +243,14 @@ async def lfs_upload(
 
 @router.post("/lfs/{namespace}/{name}/verify")
 def lfs_verify(
-    name: ModelNameDep, body: LfsObject, blobs: BlobStoreDep, principal: PrincipalDep
+    name: ModelNameDep,
+    body: LfsObject,
+    db: DatabaseDep,
+    blobs: BlobStoreDep,
+    principal: PrincipalDep,
 ) -> dict[str, Any]:
     principal.require("write", name)
-    if not blobs.exists(body.oid) or blobs.size(body.oid) != body.size:
+    if folders.stored_size(db, blobs, body.oid) != body.size:
         raise HubNotFound(f"object {body.oid} is not stored", hub_code="EntryNotFound")
     return {"oid": body.oid, "size": body.size}
 

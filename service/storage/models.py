@@ -205,6 +205,36 @@ class VersionFile(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
 
 
+class ComposedFile(Base):
+    """A file stored as ranges of other blobs, read as the blob ``sha256`` would be.
+
+    A fine-tuned shard whose tensors are mostly stored already (every one but the new head)
+    is uploaded tensor by tensor: its header becomes a blob, its tensors are ranges of the
+    blobs that first brought them. Version files name it by its sha256 like any file; its
+    ``parts`` keep those blobs from gc while the row lives, and gc deletes the row once no
+    version file names it (after the grace period).
+    """
+
+    __tablename__ = "composed_files"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # [[blob_digest, start, end], ...] in file order (``storage.composed.Extent``).
+    extents: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ComposedFilePart(Base):
+    """A blob that a composed file reads: gc keeps it while the composed file exists."""
+
+    __tablename__ = "composed_file_parts"
+
+    file_sha256: Mapped[str] = mapped_column(
+        ForeignKey("composed_files.sha256", ondelete="CASCADE"), primary_key=True
+    )
+    blob_digest: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
 class StoredTensor(Base):
     """Where the bytes of a tensor with this sha256 are stored: a range of one blob.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -34,6 +35,8 @@ from service.storage.models import (
     AuditEvent,
     BlobLease,
     BlobRef,
+    ComposedFile,
+    ComposedFilePart,
     FitCacheEntry,
     Model,
     StoredTensor,
@@ -196,6 +199,46 @@ def version_files(session: Session, version: Version) -> list[VersionFile]:
             .order_by(VersionFile.path)
         )
     )
+
+
+def composed_files(session: Session, hashes: Iterable[str]) -> dict[str, ComposedFile]:
+    """The composed files among these sha256s (a file stored as ranges of other blobs)."""
+    wanted = sorted(set(hashes))
+    found: dict[str, ComposedFile] = {}
+    for i in range(0, len(wanted), IN_BATCH):
+        batch = wanted[i : i + IN_BATCH]
+        for row in session.scalars(select(ComposedFile).where(ComposedFile.sha256.in_(batch))):
+            found[row.sha256] = row
+    return found
+
+
+def composed_extents(session: Session, sha256: str) -> list[Any] | None:
+    """How a file's bytes are stored: None for a blob of its own, else its extents."""
+    row = session.get(ComposedFile, sha256)
+    return None if row is None else list(row.extents)
+
+
+def add_composed_file(
+    session: Session, sha256: str, size: int, extents: Sequence[Any], parts: Iterable[str]
+) -> None:
+    """Record a composed file; one recorded already (the same bytes again) stays as it is."""
+    if session.get(ComposedFile, sha256) is not None:
+        return
+    session.add(ComposedFile(sha256=sha256, size=size, extents=list(extents)))
+    session.flush()
+    session.add_all(ComposedFilePart(file_sha256=sha256, blob_digest=b) for b in sorted(set(parts)))
+
+
+def stale_composed_files(session: Session, *, before: datetime) -> list[str]:
+    """Composed files no version file names, recorded before ``before`` (gc's candidates)."""
+    named = select(VersionFile.sha256).where(VersionFile.sha256 == ComposedFile.sha256)
+    statement = select(ComposedFile.sha256).where(ComposedFile.created_at < before, ~named.exists())
+    return list(session.scalars(statement.order_by(ComposedFile.sha256)))
+
+
+def delete_composed_file(session: Session, sha256: str) -> None:
+    session.execute(delete(ComposedFilePart).where(ComposedFilePart.file_sha256 == sha256))
+    session.execute(delete(ComposedFile).where(ComposedFile.sha256 == sha256))
 
 
 def version_file(session: Session, version: Version, path: str) -> VersionFile:
@@ -395,12 +438,14 @@ def release_lease(session: Session, lease_id: int) -> None:
 
 def blob_in_use(session: Session, digest: str, *, now: datetime) -> bool:
     """Referenced by a version (soft-deleted ones included: they can be restored), read by
-    a composed version, a file of a version, holding a cached fetch body, or leased."""
+    a composed version or a composed file, a file of a version, holding a cached fetch body,
+    or leased."""
     for column, key in (
         (Version.id, Version.digest),
         (BlobRef.version_id, BlobRef.blob_digest),
         (FitCacheEntry.etag, FitCacheEntry.digest),
         (VersionFile.version_id, VersionFile.sha256),
+        (ComposedFilePart.file_sha256, ComposedFilePart.blob_digest),
     ):
         if session.scalar(select(column).where(key == digest).limit(1)) is not None:
             return True
@@ -415,8 +460,9 @@ def digests_in_use(session: Session, *, now: datetime) -> set[str]:
     refs = session.scalars(select(BlobRef.blob_digest).distinct())
     cached = session.scalars(select(FitCacheEntry.digest).distinct())
     files = session.scalars(select(VersionFile.sha256).distinct())
+    parts = session.scalars(select(ComposedFilePart.blob_digest).distinct())
     leases = session.scalars(select(BlobLease.digest).where(BlobLease.expires_at > now))
-    return set(versions) | set(refs) | set(cached) | set(files) | set(leases)
+    return set(versions) | set(refs) | set(cached) | set(files) | set(parts) | set(leases)
 
 
 def forget_stored_tensors(session: Session, blob_digest: str) -> None:

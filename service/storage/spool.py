@@ -50,7 +50,7 @@ class SpoolFile:
         self._size = 0
         self._max_bytes = max_bytes
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self._size += len(chunk)
         if self._size > self._max_bytes:
             raise TooLarge(

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import fitting, registry
+from service import fitting, folders, registry
 from service.api.deps import (
     BlobStoreDep,
     Caller,
@@ -287,7 +287,9 @@ def version_page(
         summary=views.ingest_summary(version.ingest or {}),
         tie_groups=version.spec.get("tie_groups", []),
         files=files,
-        previews=views.text_previews(files, blobs.read_range),
+        previews=views.text_previews(
+            files, folders.StoredFiles.of(session, blobs, (f.sha256 for f in files)).read_range
+        ),
     )
 
 

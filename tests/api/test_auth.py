@@ -216,6 +216,11 @@ def compose_body(data: bytes) -> dict[str, Any]:
     return {"header": data[8 : 8 + length].decode(), "size": len(data), "tensors": hashes}
 
 
+def compose_file_body(data: bytes) -> dict[str, Any]:
+    """The request composing a folder's file: the same, with the file's own sha256."""
+    return compose_body(data) | {"sha256": hashlib.sha256(data).hexdigest()}
+
+
 def folder_manifest() -> dict[str, Any]:
     """A folder of one file, the bytes of ns/net's version 1 (stored already)."""
     data = checkpoint_bytes(0)
@@ -253,6 +258,12 @@ ENDPOINTS = [
         M + "/files/{sha256}",
         "write",
         send("PUT", NET + f"/files/{FILE}", content=b"file bytes"),
+    ),
+    Endpoint(
+        "POST",
+        M + "/files/compose",
+        "write",
+        send("POST", NET + "/files/compose", json=compose_file_body(checkpoint_bytes(0))),
     ),
     Endpoint(
         "POST",

@@ -27,6 +27,8 @@ TABLES = {
     "blob_refs",
     "fit_cache",
     "version_files",
+    "composed_files",
+    "composed_file_parts",
     "alembic_version",
 }
 
