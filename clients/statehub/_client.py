@@ -295,17 +295,8 @@ class Client:
         """Upload only the tensors the registry lacks, then compose the version from its
         header and every tensor's hash. None when a plain upload is the better push (most
         bytes are new) or the server cannot compose."""
-        try:
-            answer = self._json(
-                "POST", f"/v1/models/{model}/tensors/missing", json={"sha256": list(pushable.sizes)}
-            )
-        except NotFound:
-            return None  # a server without deduplication
-        missing = set(answer["missing"])
-        missing_bytes = sum(pushable.sizes[sha] for sha in missing)
-        if missing_bytes > (1 - answer["min_shared_fraction"]) * sum(pushable.sizes.values()):
+        if not self._upload_missing_tensors(model, pushable, progress):
             return None
-        self._upload_tensors(model, pushable, missing, progress)
         try:
             response = self._send(
                 lambda: self._http.build_request(
@@ -330,6 +321,35 @@ class Client:
                 f"the pushed checkpoint hashes to {expected}"
             )
         return version
+
+    def _upload_missing_tensors(
+        self,
+        model: str,
+        pushable: _dedup.Pushable,
+        progress: Progress | None,
+        *,
+        enough_shared_bytes: int | None = None,
+    ) -> bool:
+        """Upload the tensors the registry lacks, for a composition; False (nothing sent)
+        when the server does not deduplicate, or when too little is stored already for a
+        composition to be worth it: less than the server's fraction of the bytes and, where
+        given, less than ``enough_shared_bytes``."""
+        try:
+            answer = self._json(
+                "POST", f"/v1/models/{model}/tensors/missing", json={"sha256": list(pushable.sizes)}
+            )
+        except NotFound:
+            return False  # a server without deduplication
+        missing = set(answer["missing"])
+        total = sum(pushable.sizes.values())
+        shared = total - sum(pushable.sizes[sha] for sha in missing)
+        wanted = answer["min_shared_fraction"] * total
+        if enough_shared_bytes is not None:
+            wanted = min(wanted, enough_shared_bytes)
+        if shared <= 0 or shared < wanted:
+            return False
+        self._upload_tensors(model, pushable, missing, progress)
+        return True
 
     def _upload_tensors(
         self,

@@ -2,6 +2,9 @@
 
 A push hashes every file, asks which the registry lacks, uploads those (content-addressed:
 a retry or a file another version has already is free), then commits the manifest. A
+missing safetensors file whose tensors the registry mostly stores already (the shard of a
+fine-tune that holds its new head) is not uploaded whole: its missing tensors are, and the
+server composes the file from its header and its tensors' hashes, byte for byte the same. A
 snapshot writes every file of a version into a folder, each checked against its sha256,
 written beside its place and renamed into it, so a folder never holds a partial file.
 """
@@ -16,14 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from statehub import _dedup
 from statehub._cache import Cache
-from statehub._errors import FilesMissing, IntegrityError, NotCached
+from statehub._errors import FilesMissing, IntegrityError, NotCached, NotFound, TensorsMissing
 from statehub._models import Version
 
 if TYPE_CHECKING:
     from statehub._client import Client, Progress
 
 CHUNK = 8 * 1024 * 1024
+# A missing safetensors file is composed from its tensors when at least this many of its
+# bytes are stored already, even if they are less than the server's fraction for versions:
+# the shard holding a fine-tune's new head (Llama-3-8B's last: ~10% of it unchanged) would
+# otherwise store its unchanged tensors a second time. Below it, only a mostly-stored file
+# is composed: a composition costs a request per new tensor, pushed and read.
+COMPOSE_ENOUGH_SHARED_BYTES = 64 * 1024 * 1024
 
 
 def manifest_of(folder: Path) -> list[dict[str, Any]]:
@@ -64,7 +74,8 @@ def push_folder(client: Client, model: str, folder: Path, params: dict[str, Any]
             "POST", f"/v1/models/{model}/files/missing", json={"sha256": sorted(by_sha)}
         )
         for sha in answer["missing"]:
-            _upload(client, model, sha, by_sha[sha])
+            if not _compose(client, model, sha, by_sha[sha]):
+                _upload(client, model, sha, by_sha[sha])
         try:
             response = client._send(
                 lambda: client._http.build_request(
@@ -86,6 +97,29 @@ def push_folder(client: Client, model: str, folder: Path, params: dict[str, Any]
             response.close()
         return Version.from_json(response.json(), created=response.status_code == 201)
     raise AssertionError("unreachable")
+
+
+def _compose(client: Client, model: str, sha: str, path: Path) -> bool:
+    """A safetensors file sent as its missing tensors and composed by the server; False
+    when it is better uploaded whole (not safetensors, mostly new bytes, an older server,
+    or stored tensors collected meanwhile)."""
+    pushable = _dedup.of_safetensors_file(path) if path.suffix == ".safetensors" else None
+    if pushable is None or not pushable.hashes:
+        return False
+    if not client._upload_missing_tensors(
+        model, pushable, None, enough_shared_bytes=COMPOSE_ENOUGH_SHARED_BYTES
+    ):
+        return False
+    try:
+        client._json(
+            "POST",
+            f"/v1/models/{model}/files/compose",
+            json={**pushable.compose_body(), "sha256": sha},
+            timeout=httpx.Timeout(None, connect=10.0),
+        )
+    except (TensorsMissing, NotFound):
+        return False
+    return True
 
 
 def _upload(client: Client, model: str, sha: str, path: Path) -> None:

@@ -1198,6 +1198,10 @@ def gc(ctx: click.Context, dry_run: bool, grace: int | None, as_json: bool) -> N
     if evicted:
         verb = "would evict" if report["dry_run"] else "evicted"
         click.echo(f"{verb} {evicted} unused fit cache entr{'y' if evicted == 1 else 'ies'}")
+    composed = report.get("composed_files_deleted", 0)  # absent from older servers
+    if composed:
+        verb = "would delete" if report["dry_run"] else "deleted"
+        click.echo(f"{verb} {composed} composed file(s) no version names")
 
 
 @main.group()
