@@ -221,7 +221,10 @@ def composed_extents(session: Session, sha256: str) -> list[Any] | None:
 def add_composed_file(
     session: Session, sha256: str, size: int, extents: Sequence[Any], parts: Iterable[str]
 ) -> None:
-    """Record a composed file; one recorded already (the same bytes again) stays as it is."""
+    """Record a composed file; one recorded already (the same bytes again) stays as it is.
+    Under the file's lock (the transaction's first statement), so two pushes composing the
+    same file at once record it once."""
+    lock_blob(session, sha256)
     if session.get(ComposedFile, sha256) is not None:
         return
     session.add(ComposedFile(sha256=sha256, size=size, extents=list(extents)))
