@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, metrics, ui
-from service.api import adapters, admin, files, fitting, hub, models, tensors, tokens
+from service.api import adapters, admin, files, fitting, hub, models, tensors, tokens, uploads
 from service.api.bodies import takes_raw_body
 from service.errors import HubNotFound, StatehubError, StorageError, TooLarge, Unauthorized
 from service.observability import Drain, RequestContextMiddleware, request_id_var
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fitting.router)
     app.include_router(tensors.router)
     app.include_router(files.router)
+    app.include_router(uploads.router)
     app.include_router(hub.router)
     app.include_router(adapters.router)
     app.include_router(tokens.router)

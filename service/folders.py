@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service import dedup, registry
-from service.core.names import ModelName
+from service.core.names import ModelName, validate_alias
 from service.core.repo_files import (
     FileEntry,
     FileLimits,
@@ -51,10 +51,10 @@ from service.core.safetensors_format import (
 from service.core.sharded import common_metadata, merge_order, parse_index
 from service.core.spec import TensorSpec
 from service.errors import FilesMissing, InvalidCheckpoint, TooLarge
-from service.ingest import Ingested, check_stored, describe
+from service.ingest import Ingested, check_stored, describe, sniff_bytes
 from service.settings import Settings
 from service.storage import repositories as repo
-from service.storage.blobs import BlobNotFound, BlobStore
+from service.storage.blobs import BlobNotFound, BlobStore, validate_digest
 from service.storage.composed import Extent, version_bytes
 from service.storage.db import Database
 from service.storage.models import ComposedFile
@@ -229,6 +229,74 @@ class StoredFiles:
 
     def read_range(self, sha256: str, start: int, end: int) -> bytes:
         return self.source(sha256).read_range(sha256, start, end)
+
+
+def push_stored(
+    *,
+    db: Database,
+    blobs: BlobStore,
+    settings: Settings,
+    name: ModelName,
+    sha256: str,
+    metadata: dict[str, Any],
+    alias: str | None,
+    ema: bool,
+    actor: str,
+) -> registry.PushResult:
+    """The next version of ``name`` from one stored blob (a checkpoint pushed straight to
+    the store): the same version a push of its bytes through the server makes. A
+    safetensors file is read where it lies; anything else (a torch file, a tar of shards,
+    EMA weights asked for) is spooled from the store and ingested as an upload is.
+
+    Raises:
+        FilesMissing (``files_missing``, 409): the blob is not stored (upload it first).
+    """
+    if alias is not None:
+        validate_alias(alias)
+    size = stored_size(db, blobs, validate_digest(sha256))
+    if size is None:
+        raise FilesMissing(
+            "the checkpoint is not stored: upload it, then push again",
+            detail={"missing": [sha256]},
+        )
+    entry = FileEntry(path="checkpoint", size=size, sha256=sha256)
+    leases = dedup.lease(db, settings, [sha256])
+    try:
+        with db.session() as session:
+            files = StoredFiles.of(session, blobs, [sha256])
+        if not ema and sniff_bytes(files.read_range(sha256, 0, min(size, 512))) == "safetensors":
+            try:
+                ingested, stored, hashes = _single(files, settings, entry)
+            except InvalidCheckpoint:
+                pass  # not safetensors after all: ingest names what it is
+            else:
+                ingested.report.pop("weights")  # a checkpoint, not a file of a folder
+                try:
+                    return registry.commit_version(
+                        db,
+                        name,
+                        ingested,
+                        stored,
+                        hashes,
+                        metadata=metadata,
+                        alias=alias,
+                        actor=actor,
+                    )
+                finally:
+                    dedup.release(db, stored.leases)
+        return registry.push_version(
+            db=db,
+            blobs=blobs,
+            settings=settings,
+            name=name,
+            spooled=_spool_blob(files, settings, entry),
+            metadata=metadata,
+            alias=alias,
+            ema=ema,
+            actor=actor,
+        )
+    finally:
+        dedup.release(db, leases)
 
 
 def _require_stored(

@@ -214,12 +214,18 @@ def _upload_key(secret: SecretStr | None) -> bytes:
     return secret.get_secret_value().encode() if secret else _PROCESS_KEY
 
 
+def sign(secret: SecretStr | None, *fields: object) -> str:
+    """An HMAC of ``fields`` under the upload key: what a capability the server hands out
+    (an LFS upload URL, a direct push) carries, and checks when it comes back."""
+    message = "\n".join(str(field) for field in fields).encode()
+    return hmac.new(_upload_key(secret), message, hashlib.sha256).hexdigest()
+
+
 def upload_signature(
     secret: SecretStr | None, name: ModelName, oid: str, size: int, expires: int
 ) -> str:
     """The capability an LFS upload URL carries: the Hub's clients PUT to it without a token."""
-    message = f"{name}\n{oid}\n{size}\n{expires}".encode()
-    return hmac.new(_upload_key(secret), message, hashlib.sha256).hexdigest()
+    return sign(secret, name, oid, size, expires)
 
 
 def check_upload(

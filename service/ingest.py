@@ -104,7 +104,11 @@ class Ingested:
 
 def sniff_format(path: Path) -> str:
     with open(path, "rb") as handle:
-        head = handle.read(512)
+        return sniff_bytes(handle.read(512))
+
+
+def sniff_bytes(head: bytes) -> str:
+    """The format a file's first 512 bytes announce (safetensors when none other)."""
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "torch-zip"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):

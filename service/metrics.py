@@ -199,6 +199,16 @@ PLAN_VERDICTS = Counter(
     "statehub_plan_verdicts_total", "Plans made, by verdict.", labels=("verdict",)
 )
 BYTES_PUSHED = Counter("statehub_push_bytes_total", "Bytes of uploads received.")
+DIRECT_UPLOADS = Counter(
+    "statehub_direct_uploads_total",
+    "Uploads a client sent straight to the store, by outcome: offered (part URLs handed "
+    "out), stored (checked and moved into place), refused (bytes not the ones announced).",
+    labels=("outcome",),
+)
+BYTES_DIRECT = Counter(
+    "statehub_direct_upload_bytes_total",
+    "Bytes of direct uploads checked and stored (they never passed through the server).",
+)
 STORAGE_ERRORS = Counter(
     "statehub_storage_errors_total",
     "Requests failed by the database or blob store, by error code.",
@@ -221,6 +231,8 @@ ALL: tuple[_Metric, ...] = (
     FETCHES_IN_FLIGHT,
     PLAN_VERDICTS,
     BYTES_PUSHED,
+    DIRECT_UPLOADS,
+    BYTES_DIRECT,
     STORAGE_ERRORS,
     AUDIT_WRITE_FAILURES,
 )

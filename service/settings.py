@@ -28,6 +28,10 @@ class Settings(BaseSettings):
 
     # Blob store. An S3 bucket when s3_bucket is set, otherwise a directory under data_dir.
     s3_endpoint: str = ""
+    # The address clients reach the store at, where it is not s3_endpoint (a MinIO the
+    # server reaches as http://minio:9000): presigned URLs (direct pushes, presigned
+    # fetches) are signed for it. Empty: s3_endpoint.
+    s3_public_endpoint: str = ""
     s3_bucket: str = ""
     s3_prefix: str = ""
     s3_region: str = "us-east-1"
@@ -40,6 +44,12 @@ class Settings(BaseSettings):
     s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
     s3_read_timeout_s: float = Field(default=20.0, gt=0, le=600)
     s3_max_attempts: int = Field(default=3, ge=1, le=10)
+
+    # With an S3 store, clients upload checkpoints and folder files straight to the bucket
+    # (presigned multipart parts under staging/), and the server checks and moves them into
+    # place; off, or with a local store, every upload goes through the server.
+    direct_push: bool = True
+    direct_push_part_bytes: int = Field(default=16 * MiB, ge=5 * MiB, le=5 * GiB)
 
     # Where upload bodies are spooled while they are hashed and validated.
     spool_dir: Path | None = None

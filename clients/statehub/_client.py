@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import mmap
@@ -21,10 +22,11 @@ import httpx
 import torch
 from safetensors import safe_open
 
-from statehub import _dedup, _folders
+from statehub import _dedup, _direct, _folders
 from statehub._cache import Cache, CachedBody, Receiver, offline_from_env
 from statehub._errors import (
     ConnectionFailed,
+    FilesMissing,
     IntegrityError,
     NotCached,
     NotFound,
@@ -268,6 +270,9 @@ class Client:
             body, length = pushable.body, pushable.size
         else:
             body, length = self._upload_body(obj)
+        direct = self._push_direct(model, body, length, params, progress)
+        if direct is not None:
+            return direct
         response = self._send(
             lambda: self._http.build_request(
                 "POST",
@@ -321,6 +326,39 @@ class Client:
                 f"the pushed checkpoint hashes to {expected}"
             )
         return version
+
+    def _push_direct(
+        self,
+        model: str,
+        body: Callable[[], Iterator[bytes | memoryview]],
+        length: int,
+        params: dict[str, Any],
+        progress: Progress | None,
+    ) -> Version | None:
+        """Upload the checkpoint straight to the registry's store, then make the version
+        from it. None when the server takes uploads through itself (a local store, a small
+        checkpoint), or when the stored blob was collected before the version was made."""
+        digest = _direct.upload(self, model, length, body, progress)
+        if digest is None:
+            return None
+        try:
+            answer = self._send(
+                lambda: self._http.build_request(
+                    "POST",
+                    f"/v1/models/{model}/versions/stored",
+                    params=params,
+                    json={"sha256": digest},
+                    timeout=httpx.Timeout(None, connect=10.0),
+                ),
+                retry=True,  # safe: the same blob returns the same version
+            )
+        except FilesMissing:
+            return None  # collected meanwhile (gc): the plain upload settles it
+        try:
+            answer.read()
+        finally:
+            answer.close()
+        return Version.from_json(answer.json(), created=answer.status_code == 201)
 
     def _upload_missing_tensors(
         self,
@@ -401,12 +439,7 @@ class Client:
                     f"{path.name}: expected a .safetensors, .pth, .pt, .bin or .ckpt file"
                 )
 
-            def from_file() -> Iterator[bytes]:
-                with open(path, "rb") as handle:
-                    while chunk := handle.read(CHUNK):
-                        yield chunk
-
-            return from_file, path.stat().st_size
+            return functools.partial(_direct.file_stream, path, CHUNK), path.stat().st_size
         items = _items_to_push(obj)
         header = safetensors_header(items)
         length = len(header) + sum(t.numel() * t.element_size() for _, t in items)

@@ -11,15 +11,15 @@ written beside its place and renamed into it, so a folder never holds a partial 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from statehub import _dedup
+from statehub import _dedup, _direct
 from statehub._cache import Cache
 from statehub._errors import FilesMissing, IntegrityError, NotCached, NotFound, TensorsMissing
 from statehub._models import Version
@@ -123,13 +123,11 @@ def _compose(client: Client, model: str, sha: str, path: Path) -> bool:
 
 
 def _upload(client: Client, model: str, sha: str, path: Path) -> None:
+    """One file: straight to the store where the server offers it, else through it."""
     size = path.stat().st_size
-
-    def body() -> Iterator[bytes]:
-        with open(path, "rb") as handle:
-            while block := handle.read(CHUNK):
-                yield block
-
+    body = functools.partial(_direct.file_stream, path, CHUNK)
+    if _direct.upload(client, model, size, body, sha256=sha) is not None:
+        return
     response = client._send(
         lambda: client._http.build_request(
             "PUT",

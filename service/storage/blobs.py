@@ -52,7 +52,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from service.errors import InvalidRef, StorageError, StorageUnavailable
+from service.errors import InvalidRef, InvalidRequest, StorageError, StorageUnavailable
 from service.settings import Settings
 
 __all__ = [
@@ -69,6 +69,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+# Direct pushes upload under this folder of the store, each to a random name, and are moved
+# into place once checked (``S3BlobStore.adopt_staged``).
+STAGING_DIR = "staging"
+_STAGED_RE = re.compile(r"[0-9a-f]{32}")
+# What S3 answers a completion whose parts do not add up: the client's mistake, not ours.
+_STAGED_PART_CODES = frozenset(
+    {"InvalidPart", "InvalidPartOrder", "NoSuchUpload", "EntityTooSmall", "MalformedXML"}
+)
 _INCOMPLETE = ".incomplete"
 _COPY_BUFFER = 8 * 1024 * 1024
 
@@ -600,6 +608,17 @@ class S3BlobStore:
             config=config,
             **credentials,
         )
+        # Presigned URLs are for clients: signed for the address they reach the store at.
+        public = settings.s3_public_endpoint or None
+        self._signer: Any = self._client
+        if public and public != self.endpoint:
+            self._signer = session.client(
+                "s3",
+                endpoint_url=public,
+                region_name=settings.s3_region or None,
+                config=config,
+                **credentials,
+            )
         self._region = settings.s3_region
 
     def __repr__(self) -> str:
@@ -789,20 +808,30 @@ class S3BlobStore:
                         yield StoredBlob(name, int(item["Size"]), item["LastModified"])
 
     def remove_stale_temp(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
-        """Abort multipart uploads under the blob prefix started before ``older_than``."""
-        root = self.prefix + "blobs/"
+        """Abort multipart uploads under the blob and staging prefixes started before
+        ``older_than``, and delete staged objects older than that (direct pushes that never
+        finished)."""
         removed = []
-        paginator = self._client.get_paginator("list_multipart_uploads")
+        uploads = self._client.get_paginator("list_multipart_uploads")
+        objects = self._client.get_paginator("list_objects_v2")
         with self._s3_errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
-                for upload in page.get("Uploads", ()):
-                    if upload["Initiated"] >= older_than:
+            for root in (self.prefix + "blobs/", f"{self.prefix}{STAGING_DIR}/"):
+                for page in uploads.paginate(Bucket=self.bucket, Prefix=root):
+                    for upload in page.get("Uploads", ()):
+                        if upload["Initiated"] >= older_than:
+                            continue
+                        if not dry_run:
+                            self._client.abort_multipart_upload(
+                                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                            )
+                        removed.append(f"multipart:{upload['Key']}")
+            for page in objects.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{STAGING_DIR}/"):
+                for item in page.get("Contents", ()):
+                    if item["LastModified"] >= older_than:
                         continue
                     if not dry_run:
-                        self._client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                    removed.append(f"multipart:{upload['Key']}")
+                        self._client.delete_object(Bucket=self.bucket, Key=item["Key"])
+                    removed.append(f"staged:{item['Key']}")
         return removed
 
     def check(self) -> None:
@@ -814,12 +843,124 @@ class S3BlobStore:
         except StorageError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
+    # -- staged uploads: a client uploads straight to the bucket (service.direct) ----------
+
+    def _staged_key(self, name: str) -> str:
+        if _STAGED_RE.fullmatch(name) is None:
+            raise InvalidRef(f"invalid staged upload name {name[:80]!r}")
+        return f"{self.prefix}{STAGING_DIR}/{name}"
+
+    def start_staged(self, part_count: int, expires_s: int) -> tuple[str, str, list[str]]:
+        """A multipart upload under the staging prefix, and a presigned URL for each part.
+
+        Returns its name (a random hex string), its S3 upload id, and the part URLs in order.
+        """
+        name = secrets.token_hex(16)
+        key = self._staged_key(name)
+        with self._s3_errors():
+            upload_id: str = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+            )["UploadId"]
+            urls = [
+                self._signer.generate_presigned_url(
+                    "upload_part",
+                    Params={
+                        "Bucket": self.bucket,
+                        "Key": key,
+                        "UploadId": upload_id,
+                        "PartNumber": number,
+                    },
+                    ExpiresIn=expires_s,
+                )
+                for number in range(1, part_count + 1)
+            ]
+        return name, upload_id, urls
+
+    def finish_staged(self, name: str, upload_id: str, etags: list[str]) -> int:
+        """Complete a staged upload from its parts' ETags (part 1 first); its size.
+
+        Raises:
+            InvalidRequest: the parts do not complete the upload (missing, wrong ETag, or
+                the upload is gone: aborted, completed, expired).
+        """
+        key = self._staged_key(name)
+        parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, start=1)]
+        try:
+            with self._s3_errors():
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except StorageError as exc:
+            cause = exc.__cause__
+            code = (
+                cause.response.get("Error", {}).get("Code")
+                if isinstance(cause, ClientError)
+                else ""
+            )
+            if code in _STAGED_PART_CODES:
+                raise InvalidRequest(
+                    f"the parts sent do not complete the upload ({code}): upload every part "
+                    "to its URL, then send each part's ETag in order",
+                    detail={"s3_code": code},
+                ) from exc
+            raise
+        with self._s3_errors():
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        return int(head["ContentLength"])
+
+    def iter_staged(self, name: str, chunk_size: int) -> Iterator[bytes]:
+        """A completed staged upload's bytes, in order (one GET)."""
+        key = self._staged_key(name)
+        _check_chunk_size(chunk_size)
+        with self._s3_errors():
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            while True:
+                with self._s3_errors():
+                    chunk: bytes = body.read(chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
+    def adopt_staged(self, name: str, digest: str) -> None:
+        """Move a completed staged upload into place as blob ``digest`` (a server-side copy,
+        multipart above the multipart threshold), then delete the staged object."""
+        key = self._key(digest)
+        with self._s3_errors(digest):
+            self._client.copy(
+                {"Bucket": self.bucket, "Key": self._staged_key(name)},
+                self.bucket,
+                key,
+                ExtraArgs={"ContentType": "application/octet-stream"},
+                Config=self._transfer,
+            )
+        self.discard_staged(name, None)
+
+    def discard_staged(self, name: str, upload_id: str | None) -> None:
+        """Delete a staged object, or abort its upload where ``upload_id`` is given."""
+        key = self._staged_key(name)
+        with self._s3_errors():
+            if upload_id is not None:
+                try:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                        raise
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
     def presigned_url(self, digest: str, expires_s: int) -> str | None:
         key = self._key(digest)
         if not isinstance(expires_s, int) or expires_s <= 0:
             raise ValueError(f"expires_s must be a positive int, got {expires_s!r}")
         with self._s3_errors(digest):
-            url: str = self._client.generate_presigned_url(
+            url: str = self._signer.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": key},
                 ExpiresIn=expires_s,

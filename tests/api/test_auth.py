@@ -265,6 +265,25 @@ ENDPOINTS = [
         "write",
         send("POST", NET + "/files/compose", json=compose_file_body(checkpoint_bytes(0))),
     ),
+    Endpoint("POST", M + "/uploads", "write", send("POST", NET + "/uploads", json={"size": 3})),
+    Endpoint(
+        "POST",
+        M + "/uploads/complete",
+        "write",
+        send(
+            "POST",
+            NET + "/uploads/complete",
+            json={"upload": "x.y", "etags": [], "sha256": "not a digest"},
+        ),
+        status=422,  # past the scope check: the digest is checked first
+    ),
+    Endpoint(
+        "POST",
+        M + "/versions/stored",
+        "write",
+        send("POST", NET + "/versions/stored", json={"sha256": "0" * 64}),
+        status=409,  # files_missing: nothing is stored under that digest
+    ),
     Endpoint(
         "POST",
         M + "/versions/files",
