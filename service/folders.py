@@ -189,21 +189,17 @@ def push_folder(
             ingested, stored, hashes = _single(stored_files, settings, weights.file)
         else:
             ingested, stored, hashes = _sharded(db, stored_files, settings, weights.file, files)
-        try:
-            return registry.commit_version(
-                db,
-                name,
-                ingested,
-                stored,
-                hashes,
-                metadata=metadata,
-                alias=alias,
-                actor=actor,
-                files=files,
-            )
-        finally:
-            if stored.leases:
-                dedup.release(db, stored.leases)
+        return registry.commit_version(
+            db,
+            name,
+            ingested,
+            stored,
+            hashes,
+            metadata=metadata,
+            alias=alias,
+            actor=actor,
+            files=files,
+        )
     finally:
         dedup.release(db, leases)
 
@@ -271,19 +267,9 @@ def push_stored(
                 pass  # not safetensors after all: ingest names what it is
             else:
                 ingested.report.pop("weights")  # a checkpoint, not a file of a folder
-                try:
-                    return registry.commit_version(
-                        db,
-                        name,
-                        ingested,
-                        stored,
-                        hashes,
-                        metadata=metadata,
-                        alias=alias,
-                        actor=actor,
-                    )
-                finally:
-                    dedup.release(db, stored.leases)
+                return registry.commit_version(
+                    db, name, ingested, stored, hashes, metadata=metadata, alias=alias, actor=actor
+                )
         return registry.push_version(
             db=db,
             blobs=blobs,

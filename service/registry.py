@@ -140,7 +140,6 @@ def push_version(
     except BaseException:
         spooled.path.unlink(missing_ok=True)  # the spool never keeps a refused upload
         raise
-    stored: dedup.Stored | None = None
     try:
         # Leases keep gc from deleting a blob between the store's "already there" and the
         # commit of the version that references it (dedup.store_version takes them).
@@ -167,8 +166,6 @@ def push_version(
         )
     finally:
         ingested.path.unlink(missing_ok=True)
-        if stored is not None and stored.leases:
-            dedup.release(db, stored.leases)
 
 
 def compose_version(
@@ -251,25 +248,30 @@ def commit_version(
     files: Sequence[FileEntry] = (),
 ) -> PushResult:
     """The version row, what it reads, its new tensors and its files, and the leases'
-    release: one transaction."""
+    release: one transaction. The leases are released on a failure too."""
     ingested.report["storage"] = stored.report()
-    with db.session() as session:
-        result = _commit_version(
-            session,
-            name,
-            ingested,
-            hashes,
-            metadata=metadata,
-            alias=alias,
-            actor=actor,
-            extents=stored.extents,
-            files_digest=files_digest(files) if files else None,
-        )
-        if result.created:
-            dedup.record(session, result.version, stored)
-            repo.add_version_files(session, result.version, files)
-        for lease_id in stored.leases:
-            repo.release_lease(session, lease_id)
+    try:
+        with db.session() as session:
+            result = _commit_version(
+                session,
+                name,
+                ingested,
+                hashes,
+                metadata=metadata,
+                alias=alias,
+                actor=actor,
+                extents=stored.extents,
+                files_digest=files_digest(files) if files else None,
+            )
+            if result.created:
+                dedup.record(session, result.version, stored)
+                repo.add_version_files(session, result.version, files)
+            for lease_id in stored.leases:
+                repo.release_lease(session, lease_id)
+    except BaseException:
+        dedup.release(db, stored.leases)
+        raise
+    finally:
         stored.leases = []
     return result
 

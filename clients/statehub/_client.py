@@ -302,23 +302,12 @@ class Client:
         bytes are new) or the server cannot compose."""
         if not self._upload_missing_tensors(model, pushable, progress):
             return None
-        try:
-            response = self._send(
-                lambda: self._http.build_request(
-                    "POST",
-                    f"/v1/models/{model}/versions/compose",
-                    params=params,
-                    json=pushable.compose_body(),
-                ),
-                retry=True,  # safe: the same header and hashes return the same version
+        try:  # safe to retry: the same header and hashes return the same version
+            version = self._post_version(
+                f"{model}/versions/compose", params, pushable.compose_body()
             )
         except TensorsMissing:
             return None  # collected between upload and compose: a plain upload settles it
-        try:
-            response.read()
-        finally:
-            response.close()
-        version = Version.from_json(response.json(), created=response.status_code == 201)
         expected = pushable.file_digest()
         if version.digest != expected:
             raise IntegrityError(
@@ -341,24 +330,30 @@ class Client:
         digest = _direct.upload(self, model, length, body, progress)
         if digest is None:
             return None
-        try:
-            answer = self._send(
-                lambda: self._http.build_request(
-                    "POST",
-                    f"/v1/models/{model}/versions/stored",
-                    params=params,
-                    json={"sha256": digest},
-                    timeout=httpx.Timeout(None, connect=10.0),
-                ),
-                retry=True,  # safe: the same blob returns the same version
-            )
+        try:  # safe to retry: the same blob returns the same version
+            return self._post_version(f"{model}/versions/stored", params, {"sha256": digest})
         except FilesMissing:
             return None  # collected meanwhile (gc): the plain upload settles it
+
+    def _post_version(self, path: str, params: dict[str, Any], body: dict[str, Any]) -> Version:
+        """POST ``/v1/models/{path}`` with a JSON body that makes a version (retried: each
+        such body names its bytes, so the same one again is the same version); no read
+        timeout, as the server may read a large stored blob first."""
+        response = self._send(
+            lambda: self._http.build_request(
+                "POST",
+                f"/v1/models/{path}",
+                params=params,
+                json=body,
+                timeout=httpx.Timeout(None, connect=10.0),
+            ),
+            retry=True,
+        )
         try:
-            answer.read()
+            response.read()
         finally:
-            answer.close()
-        return Version.from_json(answer.json(), created=answer.status_code == 201)
+            response.close()
+        return Version.from_json(response.json(), created=response.status_code == 201)
 
     def _upload_missing_tensors(
         self,

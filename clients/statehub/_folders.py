@@ -76,26 +76,11 @@ def push_folder(client: Client, model: str, folder: Path, params: dict[str, Any]
         for sha in answer["missing"]:
             if not _compose(client, model, sha, by_sha[sha]):
                 _upload(client, model, sha, by_sha[sha])
-        try:
-            response = client._send(
-                lambda: client._http.build_request(
-                    "POST",
-                    f"/v1/models/{model}/versions/files",
-                    params=params,
-                    json={"files": manifest},
-                    timeout=httpx.Timeout(None, connect=10.0),
-                ),
-                retry=True,  # safe: the same files return the same version
-            )
+        try:  # safe to retry: the same files return the same version
+            return client._post_version(f"{model}/versions/files", params, {"files": manifest})
         except FilesMissing:
             if attempt:
                 raise
-            continue
-        try:
-            response.read()
-        finally:
-            response.close()
-        return Version.from_json(response.json(), created=response.status_code == 201)
     raise AssertionError("unreachable")
 
 

@@ -21,7 +21,7 @@ from service.api.deps import (
     VersionRefDep,
     spool_request,
 )
-from service.api.models import MAX_METADATA_CHARS, blob_response, parse_metadata_param
+from service.api.models import MAX_METADATA_CHARS, blob_response, parse_metadata_param, pushed
 from service.api.schemas import FileOut, VersionOut
 from service.api.tensors import ComposeRequest
 from service.core.names import validate_alias
@@ -149,15 +149,12 @@ def commit_folder(
         alias=alias,
         actor=principal.actor,
     )
-    if not result.created:
-        response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/v1/models/{name}/versions/{result.version.number}"
     with db.session() as session:
         files = [
             FileOut(path=f.path, size=f.size, sha256=f.sha256)
             for f in repo.version_files(session, result.version)
         ]
-    return VersionOut.of(result.version, aliases=result.aliases, with_spec=False, files=files)
+    return pushed(response, name, result, files=files)
 
 
 @router.get("/{namespace}/{name}/versions/{ref}/files", response_model=list[FileOut])

@@ -20,7 +20,15 @@ from service.api.deps import (
     VersionRefDep,
     spool_request,
 )
-from service.api.schemas import AliasOut, AliasSet, ModelCreate, ModelList, ModelOut, VersionOut
+from service.api.schemas import (
+    AliasOut,
+    AliasSet,
+    FileOut,
+    ModelCreate,
+    ModelList,
+    ModelOut,
+    VersionOut,
+)
 from service.core.jsondata import parse_metadata
 from service.core.layout import etag_matches, range_applies
 from service.core.names import ModelName, validate_alias, validate_segment
@@ -180,11 +188,22 @@ async def upload_version(
             actor=principal.actor,
         )
     )
-    out = VersionOut.of(result.version, aliases=result.aliases, with_spec=False)
+    return pushed(response, name, result)
+
+
+def pushed(
+    response: Response,
+    name: ModelName,
+    result: registry.PushResult,
+    *,
+    files: list[FileOut] | None = None,
+) -> VersionOut:
+    """A push's answer, whichever route made it: 201 for a new version, 200 for bytes that
+    already were one; where it is (``Location``)."""
     if not result.created:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/v1/models/{name}/versions/{result.version.number}"
-    return out
+    return VersionOut.of(result.version, aliases=result.aliases, with_spec=False, files=files)
 
 
 def parse_metadata_param(text: str | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from service.api.deps import (
     SettingsDep,
     spool_request,
 )
-from service.api.models import MAX_METADATA_CHARS, parse_metadata_param
+from service.api.models import MAX_METADATA_CHARS, parse_metadata_param, pushed
 from service.api.schemas import VersionOut
 from service.storage.blobs import validate_digest
 
@@ -120,7 +120,4 @@ def compose_version(
         alias=alias,
         actor=principal.actor,
     )
-    if not result.created:
-        response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/v1/models/{name}/versions/{result.version.number}"
-    return VersionOut.of(result.version, aliases=result.aliases, with_spec=False)
+    return pushed(response, name, result)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from service import direct, folders
 from service.api.bodies import AuthFirstRoute
 from service.api.deps import BlobStoreDep, DatabaseDep, ModelNameDep, PrincipalDep, SettingsDep
-from service.api.models import MAX_METADATA_CHARS, parse_metadata_param
+from service.api.models import MAX_METADATA_CHARS, parse_metadata_param, pushed
 from service.api.schemas import FileOut, VersionOut
 
 router = APIRouter(prefix="/v1/models", tags=["direct push"], route_class=AuthFirstRoute)
@@ -114,7 +114,4 @@ async def push_stored(
             actor=principal.actor,
         )
     )
-    if not result.created:
-        response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/v1/models/{name}/versions/{result.version.number}"
-    return VersionOut.of(result.version, aliases=result.aliases, with_spec=False)
+    return pushed(response, name, result)
