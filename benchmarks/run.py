@@ -4,7 +4,8 @@
     python -m benchmarks.run --smoke          # tiny sizes into a temp dir: CI's rot check
     python -m benchmarks.run --sizes 100 --scale-sizes 100,500 --only fetch,scaling
 
-Sections: plan, fetch (fetch and push vs do-it-yourself), scaling, memory, dedup, scale
+Sections: plan, fetch (fetch and push vs do-it-yourself), scaling, memory, dedup, push
+(through the server or straight to the store: --push-mib), scale
 (a Llama-shaped sharded repository: --scale-gb, --scale-s3-gb). A section
 that fails (a fetched tensor that differs from the expected one included) is reported and
 the others still run; the exit status is then 1.
@@ -21,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import dedup, fetch_vs_diy, memory, plan_latency, scale, scaling
+from benchmarks import dedup, fetch_vs_diy, memory, plan_latency, push_direct, scale, scaling
 from benchmarks.fetch_vs_diy import FetchRow, PushRow
 from benchmarks.harness import Report, Services, machine
 from benchmarks.plan_latency import PlanRow
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("plan", "fetch", "shaped", "scaling", "memory", "dedup", "scale")
+SECTIONS = ("plan", "fetch", "shaped", "scaling", "memory", "dedup", "push", "scale")
 # The link the shaped section models (issue 14): real S3's time to first byte and a single
 # stream's bandwidth, applied to statehub and to the do-it-yourself road alike.
 SHAPED_LINK = {"first_byte_s": 0.02, "rate": 80e6}
@@ -43,6 +44,7 @@ class Options:
     plan_sizes: list[int]
     plan_repeats: int | None
     dedup_mib: int
+    push_mib: int
     scale_gib: dict[str, float]  # the scale section: backend -> GiB (0 skips it)
     out: Path
     note: str
@@ -60,6 +62,7 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale-repeats", type=int, default=3)
     parser.add_argument("--dedup-mib", type=int, default=100)
+    parser.add_argument("--push-mib", type=int, default=512, help="push: checkpoint MiB")
     parser.add_argument("--scale-gb", type=float, default=6.0, help="scale: GiB, SQLite + local")
     parser.add_argument("--scale-s3-gb", type=float, default=2.0, help="scale: GiB, PG + S3")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
@@ -68,7 +71,7 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
     args = parser.parse_args(argv)
     if args.smoke:  # a few MiB, one repeat, the 100-tensor plan: seconds, not minutes
         args.sizes, args.scale_sizes, args.repeats, args.scale_repeats = [4], [4, 8], 1, 1
-        args.dedup_mib, args.note = 4, args.note or "smoke run"
+        args.dedup_mib, args.push_mib, args.note = 4, 8, args.note or "smoke run"
         args.scale_gb = args.scale_s3_gb = 0.04
         args.out = args.out or Path(tempfile.mkdtemp(prefix="statehub-bench-"))
     opts = Options(
@@ -79,6 +82,7 @@ def options(argv: list[str]) -> tuple[Options, list[str]]:
         plan_sizes=[100] if args.smoke else list(plan_latency.SIZES),
         plan_repeats=3 if args.smoke else None,
         dedup_mib=args.dedup_mib,
+        push_mib=args.push_mib,
         scale_gib={"local": args.scale_gb, "s3": args.scale_s3_gb},
         out=args.out or RESULTS,
         note=args.note,
@@ -157,6 +161,17 @@ class Run:
 
     def dedup(self) -> Report:
         return dedup.report(dedup.measure(self.services.stack(), self.opts.dedup_mib))
+
+    def push(self) -> Report:
+        """Through the server and straight to the store, on loopback and a shaped link."""
+        mib = self.opts.push_mib
+        rows = [
+            push_direct.measure(self.services.stack(), mib, link="loopback", seed=71),
+            push_direct.measure(
+                self.services.stack(shaped=SHAPED_LINK), mib, link="shaped like S3", seed=81
+            ),
+        ]
+        return push_direct.report(rows)
 
     def scale(self) -> Report:
         return scale.run(self.services, self.opts.scale_gib)

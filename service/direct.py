@@ -122,7 +122,7 @@ def finish(
             )
         leases = dedup.lease(db, settings, [sha256])  # against gc, until the copy is whole
         try:
-            blobs.adopt_staged(staged, sha256)
+            blobs.adopt_staged(staged, sha256, size)
         finally:
             dedup.release(db, leases)
     except BaseException:

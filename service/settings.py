@@ -47,8 +47,12 @@ class Settings(BaseSettings):
 
     # With an S3 store, clients upload checkpoints and folder files straight to the bucket
     # (presigned multipart parts under staging/), and the server checks and moves them into
-    # place; off, or with a local store, every upload goes through the server.
-    direct_push: bool = True
+    # place; off, or with a local store, every upload goes through the server. Off by
+    # default: the server reads each upload back to check its sha256, so it moves as many
+    # bytes as a push through it, and on a store next to the server (benchmarks/results/
+    # push_direct.md) direct pushes are slower; turn it on where clients reach the store
+    # faster than they reach the server.
+    direct_push: bool = False
     direct_push_part_bytes: int = Field(default=16 * MiB, ge=5 * MiB, le=5 * GiB)
 
     # Where upload bodies are spooled while they are hashed and validated.

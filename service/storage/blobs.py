@@ -73,6 +73,8 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # into place once checked (``S3BlobStore.adopt_staged``).
 STAGING_DIR = "staging"
 _STAGED_RE = re.compile(r"[0-9a-f]{32}")
+# The largest object S3 copies in one CopyObject request.
+_MAX_COPY_BYTES = 5 * 1024**3
 # What S3 answers a completion whose parts do not add up: the client's mistake, not ours.
 _STAGED_PART_CODES = frozenset(
     {"InvalidPart", "InvalidPartOrder", "NoSuchUpload", "EntityTooSmall", "MalformedXML"}
@@ -927,18 +929,29 @@ class S3BlobStore:
         finally:
             body.close()
 
-    def adopt_staged(self, name: str, digest: str) -> None:
-        """Move a completed staged upload into place as blob ``digest`` (a server-side copy,
-        multipart above the multipart threshold), then delete the staged object."""
+    def adopt_staged(self, name: str, digest: str, size: int) -> None:
+        """Move a completed staged upload into place as blob ``digest`` (a server-side copy:
+        one request up to S3's 5 GiB limit on a copy, parts above it), then delete the
+        staged object."""
         key = self._key(digest)
+        source = {"Bucket": self.bucket, "Key": self._staged_key(name)}
         with self._s3_errors(digest):
-            self._client.copy(
-                {"Bucket": self.bucket, "Key": self._staged_key(name)},
-                self.bucket,
-                key,
-                ExtraArgs={"ContentType": "application/octet-stream"},
-                Config=self._transfer,
-            )
+            if size <= _MAX_COPY_BYTES:
+                self._client.copy_object(
+                    CopySource=source,
+                    Bucket=self.bucket,
+                    Key=key,
+                    ContentType="application/octet-stream",
+                    MetadataDirective="REPLACE",
+                )
+            else:
+                self._client.copy(
+                    source,
+                    self.bucket,
+                    key,
+                    ExtraArgs={"ContentType": "application/octet-stream"},
+                    Config=self._transfer,
+                )
         self.discard_staged(name, None)
 
     def discard_staged(self, name: str, upload_id: str | None) -> None:

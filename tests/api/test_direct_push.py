@@ -41,7 +41,7 @@ def s3_server(
     moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     data_dir = str(tmp_path_factory.mktemp("direct-s3"))
-    env = {"STATEHUB_DIRECT_PUSH_PART_BYTES": str(PART)}
+    env = {"STATEHUB_DIRECT_PUSH": "true", "STATEHUB_DIRECT_PUSH_PART_BYTES": str(PART)}
     with postgres_s3_server(moto_server, data_dir, env) as server:
         yield server
 
@@ -352,7 +352,11 @@ def test_a_store_clients_cannot_reach_falls_back_to_the_server(
 ) -> None:
     # The server reaches the bucket; presigned URLs name the address clients would use,
     # and nothing listens there (STATEHUB_S3_PUBLIC_ENDPOINT, e.g. a MinIO behind compose).
-    env = {"STATEHUB_S3_PUBLIC_ENDPOINT": "http://127.0.0.1:9", "STATEHUB_PRESIGN_FETCH": "1"}
+    env = {
+        "STATEHUB_DIRECT_PUSH": "true",
+        "STATEHUB_S3_PUBLIC_ENDPOINT": "http://127.0.0.1:9",
+        "STATEHUB_PRESIGN_FETCH": "1",
+    }
     with postgres_s3_server(moto_server, str(tmp_path / "data"), env) as server:
         _, data = checkpoint(11)
         (tmp_path / "m.safetensors").write_bytes(data)

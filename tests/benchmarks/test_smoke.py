@@ -23,6 +23,7 @@ TABLES = {
     "Scaling: fetch time by size, plan time by tensor count": ["checkpoint MiB", "tensors"],
     "Memory: server and client peak RSS": ["operation", "fetch"],
     "Storage saved by tensor-level dedup": ["pushes"],
+    "Push: through the server, or straight to the store": ["link"],
     "Transformer scale: a Llama-shaped sharded repository": ["operation", "goal"],
 }
 NUMBER_ROW = re.compile(r"^\|.*\| [\d,]+(\.\d+)? \|", re.M)
@@ -59,5 +60,6 @@ def test_smoke_run_prints_every_table_with_numbers(tmp_path: Path) -> None:
         "scaling.md",
         "memory.md",
         "dedup.md",
+        "push_direct.md",
         "scale.md",
     }
