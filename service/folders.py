@@ -186,7 +186,7 @@ def push_folder(
                 files=files,
             )
         if weights.kind == "safetensors":
-            ingested, stored, hashes = _single(stored_files, settings, weights.file)
+            ingested, stored, hashes = _single(db, stored_files, settings, weights.file)
         else:
             ingested, stored, hashes = _sharded(db, stored_files, settings, weights.file, files)
         return registry.commit_version(
@@ -262,7 +262,7 @@ def push_stored(
             files = StoredFiles.of(session, blobs, [sha256])
         if not ema and sniff_bytes(files.read_range(sha256, 0, min(size, 512))) == "safetensors":
             try:
-                ingested, stored, hashes = _single(files, settings, entry)
+                ingested, stored, hashes = _single(db, files, settings, entry)
             except InvalidCheckpoint:
                 pass  # not safetensors after all: ingest names what it is
             else:
@@ -353,15 +353,34 @@ def _hash_tensors(
     return [h.hexdigest() for h in hashers]
 
 
+def _tensor_hashes(
+    db: Database, source: ByteSource, digest: str, header: SafetensorsHeader, chunk: int
+) -> list[str]:
+    """Each tensor's sha256 (data order): as recorded when this blob was stored, where every
+    tensor's is (an unchanged shard pushed again: no read of it), else read and hashed."""
+    with db.session() as session:
+        known = repo.tensors_in_blob(session, digest)
+    hashes = []
+    for tensor in header.tensors:
+        if not tensor.nbytes:
+            hashes.append(dedup.EMPTY_SHA256)
+            continue
+        sha, size = known.get(header.data_start + tensor.begin, ("", -1))
+        if size != tensor.nbytes:
+            return _hash_tensors(source, digest, header, chunk)
+        hashes.append(sha)
+    return hashes
+
+
 def _single(
-    files: StoredFiles, settings: Settings, entry: FileEntry
+    db: Database, files: StoredFiles, settings: Settings, entry: FileEntry
 ) -> tuple[Ingested, dedup.Stored, list[str]]:
     """A folder's one safetensors file: the version's bytes are the file's own (its blob, or
     the extents of a composed file, whose tensors are indexed where they lie already)."""
     source = files.source(entry.sha256)
     _, header = _header_of(source, entry, settings)
     check_stored(header, registry.limits_from(settings))
-    hashes = _hash_tensors(source, entry.sha256, header, settings.stream_chunk_bytes)
+    hashes = _tensor_hashes(db, source, entry.sha256, header, settings.stream_chunk_bytes)
     extents = files.extents(entry.sha256)
     if extents is not None:
         composed = [Extent.from_json(e) for e in extents]
@@ -405,7 +424,8 @@ def _sharded(
     rows = []
     for path, entry in shards.items():
         header = headers[path]
-        hashes = _hash_tensors(sources[path], entry.sha256, header, settings.stream_chunk_bytes)
+        chunk = settings.stream_chunk_bytes
+        hashes = _tensor_hashes(db, sources[path], entry.sha256, header, chunk)
         for tensor, sha in zip(header.tensors, hashes, strict=True):
             by_key[tensor.key] = sha
             if tensor.nbytes and entry.sha256 not in files.composed:

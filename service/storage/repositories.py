@@ -494,6 +494,14 @@ def find_stored_tensors(session: Session, hashes: Iterable[str]) -> dict[str, St
     return found
 
 
+def tensors_in_blob(session: Session, blob_digest: str) -> dict[int, tuple[str, int]]:
+    """The tensors recorded as lying in this blob: start -> (sha256, size)."""
+    statement = select(StoredTensor.start, StoredTensor.sha256, StoredTensor.size).where(
+        StoredTensor.blob_digest == blob_digest
+    )
+    return {start: (sha, size) for start, sha, size in session.execute(statement)}
+
+
 def index_stored_tensors(session: Session, rows: Iterable[tuple[str, str, int, int]]) -> None:
     """Record (sha256, blob digest, start, size) rows; a hash already stored keeps its place."""
     values = [

@@ -187,3 +187,29 @@ def test_an_exact_fetch_of_a_sharded_folder_reads_each_shard_in_its_own_parts(
     # interleave, and each 8 MiB window of the body read from every shard it touched: 7
     # GETs here, 76 for the 2 GiB repository of benchmarks/results/scale.md.
     assert all(requests == [b"GET"] for requests in streamed.values()), streamed
+
+
+def test_a_folder_pushed_again_does_not_read_its_unchanged_shards(
+    s3_server: ServerProcess, proxy: CountingProxy, ns: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    weights = write_sharded_folder(folder, layers=12, per_shard=4)  # 3 shards of 12 MiB
+    shards = sorted(folder.glob("model-*.safetensors"))
+    digests = [hashlib.sha256(shard.read_bytes()).hexdigest() for shard in shards]
+    with Client(s3_server.url, retries=1, cache=False) as hub:
+        hub.push(f"{ns}/repo", folder)
+        changed = st_load(shards[-1].read_bytes())  # a fine-tune of one tensor, last shard
+        changed["layers.11.o.weight"] = changed["layers.11.o.weight"] + 1
+        shards[-1].write_bytes(st_save(changed))
+        before = [len(proxy.requests(digest)) for digest in digests[:-1]]
+        tuned = hub.push(f"{ns}/repo", folder)
+        during = [proxy.requests(d)[n:] for d, n in zip(digests[:-1], before, strict=True)]
+        fetched = hub.fetch(f"{ns}/repo:{tuned.version}", target=weights)
+    # Per unchanged shard: its header (its length, then the JSON) and one stream, for the
+    # version's digest (the sha256 of the merged file). Each tensor's hash was recorded when
+    # the shard was first stored, so the commit no longer reads the shard a second time to
+    # hash its tensors (4 GETs a shard before).
+    assert [r.count(b"GET") for r in during] == [3, 3], during
+    assert torch.equal(fetched["layers.11.o.weight"], changed["layers.11.o.weight"])
+    assert torch.equal(fetched["layers.0.q.weight"], weights["layers.0.q.weight"])
