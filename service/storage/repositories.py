@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -203,13 +203,7 @@ def version_files(session: Session, version: Version) -> list[VersionFile]:
 
 def composed_files(session: Session, hashes: Iterable[str]) -> dict[str, ComposedFile]:
     """The composed files among these sha256s (a file stored as ranges of other blobs)."""
-    wanted = sorted(set(hashes))
-    found: dict[str, ComposedFile] = {}
-    for i in range(0, len(wanted), IN_BATCH):
-        batch = wanted[i : i + IN_BATCH]
-        for row in session.scalars(select(ComposedFile).where(ComposedFile.sha256.in_(batch))):
-            found[row.sha256] = row
-    return found
+    return _by_sha256(session, ComposedFile, hashes)
 
 
 def composed_extents(session: Session, sha256: str) -> list[Any] | None:
@@ -485,11 +479,19 @@ IN_BATCH = 500  # values per IN (...) list: well under every driver's parameter 
 
 def find_stored_tensors(session: Session, hashes: Iterable[str]) -> dict[str, StoredTensor]:
     """Where each of these tensor hashes is stored, for those that are."""
+    return _by_sha256(session, StoredTensor, hashes)
+
+
+_Row = TypeVar("_Row", StoredTensor, ComposedFile)
+
+
+def _by_sha256(session: Session, table: type[_Row], hashes: Iterable[str]) -> dict[str, _Row]:
+    """The rows of ``table`` keyed by these sha256s, for those it holds (IN lists batched)."""
     wanted = sorted(set(hashes))
-    found: dict[str, StoredTensor] = {}
+    found: dict[str, _Row] = {}
     for i in range(0, len(wanted), IN_BATCH):
         batch = wanted[i : i + IN_BATCH]
-        for row in session.scalars(select(StoredTensor).where(StoredTensor.sha256.in_(batch))):
+        for row in session.scalars(select(table).where(table.sha256.in_(batch))):
             found[row.sha256] = row
     return found
 

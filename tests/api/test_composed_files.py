@@ -25,16 +25,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from statehub import Client
 from tests.api.conftest import Deployment
 from tests.api.test_auth import compose_file_body
+from tests.api.test_folders import CONFIG as TINY
 from tests.api.test_folders import logits, sha256, tree
 
-TINY = LlamaConfig(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 # lm_head of 70,000 x 128 fp32: 34 MiB, over the 32 MiB JSON body limit that once broke
 # every fine-tune push; the rest of the file (embedding, layers) is a little more than it.
 BIG = LlamaConfig(
